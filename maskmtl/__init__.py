@@ -1,0 +1,26 @@
+"""maskmtl: per-task (or per-group) binary masks over one shared network, learned during training.
+
+Extension points (``maskmtl.interfaces``): Scorer, Scheduler, Initializer, Grouper.
+"""
+
+from .apply import MaskedAdamW, MaskedModel
+from .checkpoint import load_checkpoint, save_checkpoint
+from .gradients import GroupGradients, estimate_gradients, harmony
+from .groupers import KNNGrouper, NoneGrouper
+from .initializers import DenseInitializer, ERKInitializer, RandomInitializer
+from .interfaces import Grouper, Initializer, Scheduler, Scorer
+from .masks import MaskError, MaskSet, load_masks, read_masks_file, save_masks
+from .schedulers import ConstantScheduler, CosineScheduler
+from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer
+from .targets import Target, TargetError, select_targets
+from .update import MaskUpdateError, MaskUpdater, check_schedule, group_tasks, masks_from_scores, swap
+
+__all__ = [
+    "AgreementScorer", "ConstantScheduler", "CosineScheduler", "DenseInitializer", "ERKInitializer",
+    "FisherScorer", "GroupGradients", "Grouper", "Initializer", "KNNGrouper", "MagnitudeScorer",
+    "MaskError", "MaskSet", "MaskUpdateError", "MaskUpdater", "MaskedAdamW", "MaskedModel",
+    "NoneGrouper", "RandomInitializer", "Scheduler", "Scorer", "Target", "TargetError",
+    "check_schedule", "estimate_gradients", "group_tasks", "harmony", "load_checkpoint", "load_masks",
+    "masks_from_scores", "read_masks_file", "save_checkpoint", "save_masks", "select_targets", "swap",
+]
+__version__ = "0.1.0"

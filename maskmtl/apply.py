@@ -1,0 +1,163 @@
+"""Masked training (spec §1): the forward sees θ⊙M, the gradient is ∇L(θ⊙M)⊙M, and an optimizer
+step changes nothing outside the mask.
+
+* ``MaskedModel`` calls any module through ``torch.func.functional_call`` with each target
+  parameter replaced by ``torch.where(M, θ, 0)``. Autograd through ``where`` yields exactly
+  ``∇L(θ⊙M)⊙M`` in ``θ.grad``; θ itself is never modified (other tasks use the entries this task
+  does not), and nothing is copied besides the one masked tensor per target.
+* ``MaskedAdamW`` is AdamW whose whole update (moments, weight decay, parameter) is gated by the
+  group's mask: entries outside it keep their value and their optimizer moments bit for bit.
+
+Optimizer state is shared by all tasks, one pair of moments per entry, because the parameter is
+shared. The bias-correction step count is per tensor (as in torch's AdamW), counting every step
+the tensor took part in. When a mask update recovers an entry that no group was using before
+("dormant"), its moments are stale (from before it went dormant); ``MaskedAdamW.reset_entries``
+zeroes them, which the mask updater does by default (``masking.recovered_state=reset_dormant``;
+``keep`` leaves them). Recovered entries that another group was still training keep their moments:
+they are current.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .masks import MaskSet
+
+
+class MaskedModel:
+    """Runs ``model`` under one group's masks.
+
+    Args:
+        model: any module; its target parameters are named in ``masks``.
+        masks: the ``MaskSet`` (targets, tasks, task -> group).
+    """
+
+    def __init__(self, model: nn.Module, masks: MaskSet):
+        self.model = model
+        self.masks = masks
+        params = dict(model.named_parameters())
+        missing = [n for n in masks.names if n not in params]
+        if missing:
+            raise KeyError(f"masks name parameters the model does not have: {missing}")
+        self.params = {n: params[n] for n in masks.names}
+
+    def masked_params(self, group: int, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Target name -> ``θ ⊙ M_group`` (differentiable w.r.t. θ; zero outside the mask)."""
+        params = self.params if params is None else params
+        return {n: torch.where(self.masks[n][group], params[n], 0.0) for n in self.masks.names}
+
+    def forward_group(self, group: int | None, *args, **kwargs) -> Any:
+        """Forward with group ``group``'s masks; ``None`` runs the dense model."""
+        if group is None:
+            return self.model(*args, **kwargs)
+        return functional_call(self.model, self.masked_params(group), args, kwargs)
+
+    def __call__(self, task: int | str, *args, **kwargs) -> Any:
+        """Forward for ``task`` (index or name) with its group's masks."""
+        return self.forward_group(self.masks.group_of(task), *args, **kwargs)
+
+    def bind(self, task: int | str | None) -> Callable[..., Any]:
+        """A callable ``forward(*args, **kwargs)`` for one task (``None``: dense)."""
+        group = None if task is None else self.masks.group_of(task)
+        return lambda *args, **kwargs: self.forward_group(group, *args, **kwargs)
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW whose update is confined to the active group's mask on target parameters.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+        masks: the ``MaskSet``; parameters it names are masked targets, others update densely.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
+
+    ``step(group=j)`` updates target entries inside ``M_j`` only; ``step(group=None)`` is a plain
+    dense AdamW step (used for dense warm-up). Non-target parameters always update densely.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        masks: MaskSet,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        if not 0.0 < lr:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__([p for _, p in named], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.masks = masks
+        self._name = {id(p): n for n, p in named}
+        unknown = set(masks.names) - set(self._name.values())
+        if unknown:
+            raise KeyError(f"masked targets not among the optimizer's parameters: {sorted(unknown)}")
+
+    def _state_for(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None, *, group: int | None = None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for pg in self.param_groups:
+            lr, (b1, b2), eps, wd = pg["lr"], pg["betas"], pg["eps"], pg["weight_decay"]
+            for p in pg["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self._state_for(p)
+                state["step"] += 1
+                t = state["step"].item()
+                bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                name = self._name[id(p)]
+                m = self.masks[name][group] if (group is not None and name in self.masks.names) else None
+                if m is None:
+                    p.mul_(1 - lr * wd)
+                    exp_avg.lerp_(g, 1 - b1)
+                    exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+                    continue
+                # Moments: m += (1-β1)(g - m) and v += (1-β2)(g² - v), each delta zeroed outside M.
+                # x + 0 is exactly x, so entries outside M keep their moments bit for bit.
+                exp_avg.add_((g - exp_avg).mul_(1 - b1).mul_(m))
+                exp_avg_sq.add_(torch.addcmul(exp_avg_sq, g, g, value=-1.0).mul_(b2 - 1).mul_(m))
+                # Parameter: p -= lr·(m̂/(√v̂+ε) + wd·p), the whole update zeroed outside M.
+                upd = exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                upd.mul_(lr / bc1).add_(p, alpha=lr * wd).mul_(m)
+                p.sub_(upd)
+        return loss
+
+    @torch.no_grad()
+    def reset_entries(self, entries: Mapping[str, torch.Tensor]) -> int:
+        """Zero both moments at the given entries (name -> bool tensor of the parameter's shape).
+
+        Returns the number of entries reset. Parameters without state yet are skipped.
+        """
+        by_name = {self._name[id(p)]: p for pg in self.param_groups for p in pg["params"]}
+        n = 0
+        for name, e in entries.items():
+            p = by_name[name]
+            if p in self.state and self.state[p]:
+                self.state[p]["exp_avg"].masked_fill_(e, 0.0)
+                self.state[p]["exp_avg_sq"].masked_fill_(e, 0.0)
+                n += int(e.sum())
+        return n

@@ -1,0 +1,107 @@
+"""The single place where config nodes become objects, and the checks that run before training.
+
+``build(cfg.<group>, key, **runtime)`` is the only caller of ``hydra.utils.instantiate`` in the
+project: runtime values (total steps, the model) are passed here, never written back into cfg.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+def build(node: DictConfig, key: str, **runtime: Any) -> Any:
+    """Instantiate ``node`` (which has a ``_target_``), adding runtime-only keyword arguments.
+
+    Errors from the constructor are re-raised as ``ConfigError`` naming ``key``.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"{key}: expected a config node with a _target_, got {node!r}")
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{key} ({node._target_}): {cause}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key} ({node._target_}): {e}") from e
+
+
+def choose_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; otherwise a torch device string."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"device={spec!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec!r} but CUDA is not available on this machine (use device=auto or cpu)")
+    return dev
+
+
+def require(cfg: DictConfig, key: str, check, expected: str) -> Any:
+    """Read ``cfg.<key>`` (dotted) and fail with a message naming the key unless ``check(value)``."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if value is None or not check(value):
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+    return value
+
+
+class Masking:
+    """The masking components a recipe needs, built from the config's groups.
+
+    Attributes: ``masks`` (MaskSet), ``model`` (MaskedModel), ``initializer``, ``scorer``,
+    ``scheduler``, ``grouper``, ``updater`` (MaskUpdater), ``needs_grouping`` (the grouper makes
+    fewer groups than tasks: masks start all-ones, one group per task, until ``group_tasks``).
+    """
+
+    def __init__(self, cfg: DictConfig, model: torch.nn.Module, tasks: list[str], generator: torch.Generator):
+        from .apply import MaskedModel
+        from .masks import MaskSet
+        from .targets import select_targets
+        from .update import MaskUpdater, check_schedule
+
+        if len(tasks) < 1:
+            raise ConfigError("tasks: at least one task is required")
+        self.targets = select_targets(model, cfg.targets.include, cfg.targets.exclude)
+        self.initializer = build(cfg.initializer, "initializer")
+        self.scorer = build(cfg.scorer, "scorer")
+        self.scheduler = build(cfg.scheduler, "scheduler", total_steps=int(cfg.train.steps))
+        self.grouper = build(cfg.grouper, "grouper")
+        try:
+            n_groups = self.grouper.n_groups(len(tasks))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.needs_grouping = n_groups < len(tasks)
+        shapes = {t.name: t.shape for t in self.targets}
+        if self.needs_grouping:
+            init = {n: torch.ones((len(tasks), *s), dtype=torch.bool) for n, s in shapes.items()}
+        else:
+            init = self.initializer.init_masks(shapes, len(tasks), generator)
+        device = next(model.parameters()).device
+        self.masks = MaskSet({n: m.to(device) for n, m in init.items()}, tasks)
+        if not self.needs_grouping:
+            check_schedule(self.scheduler, self.masks)
+        m = cfg.masking
+        for key in ("update_every", "grad_batches"):
+            if not isinstance(m[key], int) or m[key] < (0 if key == "update_every" else 1):
+                raise ConfigError(f"masking.{key}={m[key]!r}: expected an integer >= {0 if key == 'update_every' else 1}")
+        try:
+            self.updater = MaskUpdater(self.scorer, self.scheduler, int(m.update_every), m.recovery_gradient,
+                                       m.recovered_state)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.model = MaskedModel(model, self.masks)
+
+    def group_density(self) -> float:
+        """Overall density for group masks made from scores (the initializer's, 1.0 for dense)."""
+        return float(getattr(self.initializer, "density", 1.0))

@@ -1,0 +1,155 @@
+"""Gradient estimates for the mask update (spec §2-3, Algorithms 2 and 5).
+
+For every task i (in group j = task_to_group[i]), averaged over ``n`` batches, in eval mode
+(dropout off):
+
+    ḡ_i = ∇L_i(θ ⊙ M_j) ⊙ M_j      masked gradient (agreement, Fisher)
+    g_i = ∇L_i(θ)                  dense gradient (recovery ranking), ``recovery="dense"``
+    g_i = ∇_w L_i(w)|_{w=θ⊙M_j}    gradient at the masked point, without the final ⊙M_j,
+                                   ``recovery="masked_point"`` (one backward serves both)
+    L_i                            mean loss
+
+Both recovery choices are informative at inactive entries, which is what recovery ranks; the
+published code's ``g_i ⊙ M_i`` (all inactive candidates tie at zero) is not offered.
+
+Group sums (plain HarmoDT has one task per group, and these reduce to the per-task values):
+
+    masked[j] = Σ_{i∈G_j} ḡ_i,   dense[j] = Σ_{i∈G_j} g_i,   loss[j] = Σ_{i∈G_j} L_i
+    mean      = (1/G) Σ_j masked[j]                        (ĝ; for G = N the tasks' mean)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .masks import MaskSet
+
+# loss_fn(forward, task_index, batch) -> scalar loss; forward(*args, **kwargs) runs the model.
+LossFn = Callable[[Callable[..., Any], int, Any], torch.Tensor]
+Batches = Callable[[int], Iterable[Any]]
+
+RECOVERY_GRADIENTS = ("dense", "masked_point")
+
+
+@dataclass
+class GroupGradients:
+    """Gradient statistics of one mask update. Shapes: ``G`` groups, ``N`` tasks, ``P`` param."""
+
+    masked: dict[str, torch.Tensor]  # [G, *P]  Σ_{i∈G_j} ḡ_i
+    dense: dict[str, torch.Tensor]  # [G, *P]  Σ_{i∈G_j} g_i
+    loss: torch.Tensor  # [G]      Σ_{i∈G_j} L_i
+    mean: dict[str, torch.Tensor]  # [P]      ĝ = (1/G) Σ_j masked[j]
+    task_masked: dict[str, torch.Tensor]  # [N, *P]  ḡ_i per task (harmony diagnostic, grouping)
+    task_loss: torch.Tensor  # [N]
+    task_to_group: list[int]
+
+
+def estimate_gradients(
+    model: nn.Module,
+    masks: MaskSet,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    recovery: str = "dense",
+    progress: Callable[[int], None] | None = None,
+) -> GroupGradients:
+    """Estimate ḡ_i, g_i and L_i for every task and sum them per group.
+
+    Args:
+        model: the shared network.
+        masks: current masks (read only).
+        loss_fn: ``loss_fn(forward, task_index, batch)``; called with the masked forward.
+        batches: ``batches(task_index)`` yields the batches to average over (at least one).
+        recovery: ``"dense"`` or ``"masked_point"`` (see module docstring).
+        progress: called with the task index after each task.
+    """
+    if recovery not in RECOVERY_GRADIENTS:
+        raise ValueError(f"masking.recovery_gradient must be one of {RECOVERY_GRADIENTS}, got {recovery!r}")
+    names = masks.names
+    params = {n: p for n, p in model.named_parameters() if n in set(names)}
+    n_tasks, n_groups = masks.n_tasks, masks.n_groups
+    identity = masks.task_to_group == list(range(n_tasks))
+    task_masked = {n: torch.zeros((n_tasks, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
+    dense = {n: torch.zeros((n_groups, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
+    task_loss = torch.zeros(n_tasks, dtype=torch.float64)
+
+    def grad_at(weights: dict[str, torch.Tensor], task: int, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
+        fwd = lambda *a, **k: functional_call(model, leaves, a, k)  # noqa: E731
+        loss = loss_fn(fwd, task, batch)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        return loss.detach(), torch.autograd.grad(loss, [leaves[n] for n in names])
+
+    was_training = model.training
+    model.eval()  # dropout off for the estimates
+    try:
+        for i in range(n_tasks):
+            j = masks.task_to_group[i]
+            m = masks.group(j)
+            dense_i = {n: torch.zeros_like(params[n]) for n in names}
+            count = 0
+            for batch in batches(i):
+                count += 1
+                with torch.no_grad():
+                    w = {n: torch.where(m[n], params[n], 0.0) for n in names}
+                loss, grads = grad_at(w, i, batch)
+                task_loss[i] += loss.double().cpu()
+                for n, gr in zip(names, grads):
+                    task_masked[n][i].add_(torch.where(m[n], gr, 0.0))
+                    if recovery == "masked_point":
+                        dense_i[n].add_(gr)
+                if recovery == "dense":
+                    _, dgrads = grad_at({n: params[n] for n in names}, i, batch)
+                    for n, gr in zip(names, dgrads):
+                        dense_i[n].add_(gr)
+            if count == 0:
+                raise ValueError(f"batches({i}) yielded no batch for task {masks.tasks[i]!r}")
+            task_loss[i] /= count
+            for n in names:
+                task_masked[n][i].div_(count)
+                dense[n][j].add_(dense_i[n], alpha=1.0 / count)
+            if progress is not None:
+                progress(i)
+    finally:
+        model.train(was_training)
+    return _group_sums(task_masked, dense, task_loss, masks.task_to_group, identity)
+
+
+def _group_sums(task_masked, dense, task_loss, task_to_group, identity):
+    n_groups = max(task_to_group) + 1
+    idx = torch.tensor(task_to_group)
+    if identity:
+        masked = task_masked  # same tensors: no copy for one task per group
+    else:
+        masked = {}
+        for n, t in task_masked.items():
+            s = torch.zeros((n_groups, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            masked[n] = s.index_add_(0, idx.to(t.device), t)
+    loss = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, idx, task_loss)
+    mean = {n: t.sum(dim=0) / n_groups for n, t in masked.items()}
+    return GroupGradients(masked=masked, dense=dense, loss=loss, mean=mean, task_masked=task_masked,
+                          task_loss=task_loss, task_to_group=list(task_to_group))
+
+
+def harmony(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> float:
+    """Averaged harmony score (Def. 3.2) on the masked gradients, in [-1, 1].
+
+    ``(1/N) Σ_i mean_{j ∈ M_i} sign(ḡ_i,j · ĝ_j)``: each task is averaged over the entries its
+    group's mask keeps (with all-ones masks this is the paper's ``1/(NK) Σ_i Σ_j sign(g_i,j ĝ_j)``).
+    ``masks`` are the masks the gradients were taken with.
+    """
+    n_tasks = grads.task_loss.numel()
+    total = torch.zeros(n_tasks, dtype=torch.float64)
+    count = torch.zeros(n_tasks, dtype=torch.float64)
+    for n, tm in grads.task_masked.items():
+        m = masks[n][grads.task_to_group]  # [N, *P]
+        s = torch.sign(tm * grads.mean[n]) * m
+        total += s.reshape(n_tasks, -1).sum(dim=1).double().cpu()
+        count += m.reshape(n_tasks, -1).sum(dim=1).double().cpu()
+    return float((total / count.clamp_min(1)).mean())

@@ -1,0 +1,260 @@
+"""Masks as state: one bool tensor per target with a leading group dimension.
+
+``MaskSet`` is an ``nn.Module`` whose buffers are the masks, so a checkpoint's ``state_dict`` holds
+them next to the model. It also owns the ordered task names and the task -> group map (kept as
+extra state, so they travel with the ``state_dict`` too). ``save_masks``/``load_masks`` write and
+read the output-contract file ``masks.safetensors``: one tensor per target named as the parameter,
+shape ``[groups, *param.shape]``, dtype bool, and metadata with the task names and task -> group
+map. Loading is the exact inverse of saving and refuses anything that does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+FORMAT = "maskmtl.masks/1"
+
+
+class MaskError(ValueError):
+    """Masks that do not fit the model, the tasks, or each other."""
+
+
+def _buffer_key(name: str) -> str:
+    # Buffer names cannot contain '.', parameter names do.
+    return name.replace(".", "__")
+
+
+def validate_task_to_group(tasks: Sequence[str], task_to_group: Sequence[int]) -> int:
+    """Check a task -> group map; return the number of groups. Groups must be 0..G-1, all used."""
+    if len(set(tasks)) != len(tasks):
+        dup = sorted({t for t in tasks if list(tasks).count(t) > 1})
+        raise MaskError(f"task names must be unique, repeated: {dup}")
+    if len(task_to_group) != len(tasks):
+        raise MaskError(f"task_to_group has {len(task_to_group)} entries for {len(tasks)} tasks")
+    if not task_to_group:
+        raise MaskError("at least one task is required")
+    groups = sorted(set(int(g) for g in task_to_group))
+    if groups != list(range(len(groups))):
+        raise MaskError(f"task_to_group must use every group 0..G-1 without gaps, got groups {groups}")
+    return len(groups)
+
+
+class MaskSet(nn.Module):
+    """Bool masks ``[G, *P]`` per target, task names, and the task -> group map.
+
+    Args:
+        masks: target name -> bool tensor ``[G, *P]``.
+        tasks: ordered task names.
+        task_to_group: group index per task (default: one group per task).
+    """
+
+    def __init__(
+        self,
+        masks: Mapping[str, torch.Tensor],
+        tasks: Sequence[str],
+        task_to_group: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if not masks:
+            raise MaskError("a MaskSet needs at least one target")
+        self.tasks: list[str] = list(tasks)
+        t2g = list(range(len(self.tasks))) if task_to_group is None else [int(g) for g in task_to_group]
+        n_groups = validate_task_to_group(self.tasks, t2g)
+        self.task_to_group: list[int] = t2g
+        self.names: list[str] = list(masks)
+        keys = [_buffer_key(n) for n in self.names]
+        if len(set(keys)) != len(keys):
+            raise MaskError(f"target names collide once '.' is replaced by '__': {self.names}")
+        for name, key in zip(self.names, keys):
+            m = masks[name]
+            if m.dtype != torch.bool:
+                raise MaskError(f"mask {name!r} has dtype {m.dtype}; masks are torch.bool")
+            if m.dim() < 1 or m.shape[0] != n_groups:
+                raise MaskError(f"mask {name!r} has shape {tuple(m.shape)}; expected [{n_groups}, *param.shape]")
+            self.register_buffer(key, m.clone())
+
+    # ---- access -------------------------------------------------------------------------
+    @property
+    def n_groups(self) -> int:
+        return max(self.task_to_group) + 1
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The ``[G, *P]`` bool mask of one target."""
+        return getattr(self, _buffer_key(name))
+
+    def items(self):
+        return [(n, self[n]) for n in self.names]
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self[n] for n in self.names}
+
+    def group_of(self, task: int | str) -> int:
+        idx = self.tasks.index(task) if isinstance(task, str) else int(task)
+        return self.task_to_group[idx]
+
+    def group(self, g: int) -> dict[str, torch.Tensor]:
+        """Target name -> bool mask of group ``g`` (views, shape ``P``)."""
+        return {n: self[n][g] for n in self.names}
+
+    def for_task(self, task: int | str) -> dict[str, torch.Tensor]:
+        return self.group(self.group_of(task))
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace mask values in place (same names, shapes, dtype)."""
+        if set(masks) != set(self.names):
+            raise MaskError(f"set_masks got targets {sorted(masks)}, expected {sorted(self.names)}")
+        for n in self.names:
+            new = masks[n]
+            if new.shape != self[n].shape or new.dtype != torch.bool:
+                raise MaskError(f"set_masks: {n!r} got {tuple(new.shape)} {new.dtype}, "
+                                f"expected {tuple(self[n].shape)} torch.bool")
+            self[n].copy_(new)
+
+    def set_grouping(self, task_to_group: Sequence[int], masks: Mapping[str, torch.Tensor]) -> None:
+        """Regroup tasks: new task -> group map and masks with the matching group count."""
+        t2g = [int(g) for g in task_to_group]
+        n_groups = validate_task_to_group(self.tasks, t2g)
+        for n in self.names:
+            m = masks[n]
+            if m.dtype != torch.bool or m.shape[1:] != self[n].shape[1:] or m.shape[0] != n_groups:
+                raise MaskError(f"set_grouping: {n!r} got {tuple(m.shape)} {m.dtype}, expected "
+                                f"[{n_groups}, *{tuple(self[n].shape[1:])}] torch.bool")
+            setattr(self, _buffer_key(n), m.clone().to(self[n].device))
+        self.task_to_group = t2g
+
+    # ---- statistics ------------------------------------------------------------------------
+    def counts(self) -> torch.Tensor:
+        """Active entries per group over all targets, ``[G]`` int64."""
+        return sum(self[n].reshape(self.n_groups, -1).sum(dim=1) for n in self.names)
+
+    def numel(self) -> int:
+        """Maskable entries per group (same for every group)."""
+        return sum(self[n][0].numel() for n in self.names)
+
+    def density(self) -> torch.Tensor:
+        """Density per group over all targets, ``[G]`` float64."""
+        return self.counts().double() / self.numel()
+
+    def layer_density(self) -> dict[str, list[float]]:
+        """Target name -> density per group."""
+        return {n: self[n].reshape(self.n_groups, -1).double().mean(dim=1).tolist() for n in self.names}
+
+    def voting_mask(self, thresh: float) -> dict[str, torch.Tensor]:
+        """Mask for unseen tasks (spec §6): an entry is on when more than ``thresh`` tasks use it.
+
+        ``thresh >= 1`` is a count of tasks (paper: 25 with 45-50 tasks); ``0 <= thresh < 1`` a
+        fraction of the number of tasks. Each task votes with its group's mask.
+        Returns target name -> bool tensor of the parameter's shape.
+        """
+        if thresh < 0:
+            raise MaskError(f"voting threshold must be >= 0, got {thresh}")
+        count_thresh = thresh * self.n_tasks if thresh < 1 else thresh
+        idx = torch.tensor(self.task_to_group, device=self[self.names[0]].device)
+        return {n: self[n].index_select(0, idx).sum(dim=0) > count_thresh for n in self.names}
+
+    # ---- state_dict carries tasks and grouping ----------------------------------------
+    def get_extra_state(self):
+        return {"tasks": list(self.tasks), "task_to_group": list(self.task_to_group)}
+
+    def set_extra_state(self, state):
+        if list(state["tasks"]) != self.tasks:
+            raise MaskError(f"checkpoint masks are for tasks {state['tasks']}, this run has {self.tasks}")
+        self.task_to_group = [int(g) for g in state["task_to_group"]]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A regrouped checkpoint has another group count: resize buffers before loading.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            n_groups = validate_task_to_group(self.tasks, extra["task_to_group"])
+            for n in self.names:
+                key = prefix + _buffer_key(n)
+                if key in state_dict and state_dict[key].shape[0] == n_groups != self[n].shape[0]:
+                    setattr(self, _buffer_key(n), torch.zeros_like(state_dict[key], device=self[n].device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# ---- the masks.safetensors file -----------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_masks(masks: MaskSet, path: str | os.PathLike) -> None:
+    """Write ``masks.safetensors`` atomically (bool tensors named as the parameters + metadata)."""
+    from safetensors.torch import save
+
+    tensors = {n: m.detach().cpu().contiguous() for n, m in masks.items()}
+    meta = {"format": FORMAT, "tasks": json.dumps(masks.tasks), "task_to_group": json.dumps(masks.task_to_group)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_masks_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str], list[int]]:
+    """Read a masks file without a model to check it against: (masks, tasks, task_to_group)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaskError(f"mask file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise MaskError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise MaskError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    tasks = json.loads(meta["tasks"])
+    t2g = json.loads(meta["task_to_group"])
+    for k, t in tensors.items():
+        if t.dtype == torch.uint8:
+            if t.numel() and int(t.max()) > 1:
+                raise MaskError(f"{path}: uint8 mask {k!r} holds values other than 0 and 1")
+            tensors[k] = t.bool()
+        elif t.dtype != torch.bool:
+            raise MaskError(f"{path}: tensor {k!r} has dtype {t.dtype}; masks are bool (or uint8 0/1)")
+    return tensors, tasks, t2g
+
+
+def load_masks(masks: MaskSet, path: str | os.PathLike) -> None:
+    """Load a masks file into ``masks`` in place: the exact inverse of ``save_masks``.
+
+    Raises MaskError when task names, target names or shapes differ (regrouping to another group
+    count is allowed: the file's task -> group map is taken).
+    """
+    tensors, tasks, t2g = read_masks_file(path)
+    if tasks != masks.tasks:
+        raise MaskError(f"{path}: masks are for tasks {tasks}, this run has {masks.tasks}")
+    missing, extra = sorted(set(masks.names) - set(tensors)), sorted(set(tensors) - set(masks.names))
+    if missing or extra:
+        raise MaskError(f"{path}: targets differ from the model's; missing {missing}, unexpected {extra}")
+    n_groups = validate_task_to_group(tasks, t2g)
+    for n in masks.names:
+        want = (n_groups, *masks[n].shape[1:])
+        if tuple(tensors[n].shape) != want:
+            raise MaskError(f"{path}: mask {n!r} has shape {tuple(tensors[n].shape)}, expected {list(want)}")
+    device = masks[masks.names[0]].device
+    masks.set_grouping(t2g, {n: t.to(device) for n, t in tensors.items()})

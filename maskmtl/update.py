@@ -1,0 +1,224 @@
+"""The mask update (spec §3, Algorithms 2 and 5): which entries (scorer), how many (scheduler),
+and the swap, which is the only code that changes masks and checks its own invariants.
+
+Per group j, with both selections taken from the masks before the update:
+
+    drop_j    = ArgBtmK_α( H_j  restricted to active entries )
+    recover_j = ArgTopK_α( R_j  restricted to inactive entries )
+    M_j      ← M_j − drop_j + recover_j
+
+so exactly α entries leave and α enter, the two sets are disjoint, an entry dropped now cannot be
+recovered in the same update, and every group's density is unchanged. Ranking is global over all
+targets of the group (one flat vector), as ArgBtmK over θ in the papers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony
+from .interfaces import Scheduler, Scorer
+from .masks import MaskSet
+
+RECOVERED_STATE = ("reset_dormant", "keep")
+
+
+class MaskUpdateError(RuntimeError):
+    """A swap that cannot be done (α too large, NaN scores) or that broke an invariant."""
+
+
+@dataclass
+class SwapResult:
+    masks: dict[str, torch.Tensor]  # new masks [G, *P]
+    dropped: dict[str, torch.Tensor]  # [G, *P] bool, entries turned off
+    recovered: dict[str, torch.Tensor]  # [G, *P] bool, entries turned on
+    alpha: int
+
+
+def _flat(d: Mapping[str, torch.Tensor], names: list[str], g: int) -> torch.Tensor:
+    return torch.cat([d[n][g].reshape(-1) for n in names])
+
+
+def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
+         grow_scores: Mapping[str, torch.Tensor], alpha: int) -> SwapResult:
+    """Drop the ``alpha`` lowest-drop-score active entries and recover the ``alpha`` highest-grow-
+    score inactive entries, in every group. Inputs and outputs are name -> ``[G, *P]`` tensors.
+
+    Raises:
+        MaskUpdateError: ``alpha`` exceeds a group's active or inactive entries, a candidate score
+            is NaN, or an invariant fails (exact counts, disjointness, density).
+    """
+    names = list(masks)
+    alpha = int(alpha)
+    if alpha < 0:
+        raise MaskUpdateError(f"alpha must be >= 0, got {alpha}")
+    n_groups = next(iter(masks.values())).shape[0]
+    sizes = [masks[n][0].numel() for n in names]
+    new = {n: masks[n].clone() for n in names}
+    dropped = {n: torch.zeros_like(masks[n]) for n in names}
+    recovered = {n: torch.zeros_like(masks[n]) for n in names}
+    if alpha == 0:
+        return SwapResult(new, dropped, recovered, 0)
+    for g in range(n_groups):
+        active = _flat(masks, names, g)
+        n_active = int(active.sum())
+        n_inactive = active.numel() - n_active
+        if alpha > n_active or alpha > n_inactive:
+            raise MaskUpdateError(
+                f"group {g}: alpha={alpha} exceeds its active ({n_active}) or inactive ({n_inactive}) "
+                f"entries; lower the scheduler's eta_max/alpha or change the initializer's density")
+        ds = _flat(drop_scores, names, g).float()
+        gs = _flat(grow_scores, names, g).float()
+        if torch.isnan(ds[active]).any() or torch.isnan(gs[~active]).any():
+            raise MaskUpdateError(f"group {g}: NaN in the scores of candidate entries")
+        drop_idx = torch.topk(ds.masked_fill(~active, float("inf")), alpha, largest=False).indices
+        grow_idx = torch.topk(gs.masked_fill(active, float("-inf")), alpha, largest=True).indices
+        # Invariants: exact counts each way, drop ⊆ active, recover ⊆ inactive (hence disjoint).
+        if drop_idx.unique().numel() != alpha or grow_idx.unique().numel() != alpha:
+            raise MaskUpdateError(f"group {g}: selected entries are not unique")
+        if not bool(active[drop_idx].all()) or bool(active[grow_idx].any()):
+            raise MaskUpdateError(f"group {g}: a dropped entry was inactive or a recovered entry was active "
+                                  f"(scores are +inf/-inf on candidates?)")
+        flat = active.clone()
+        flat[drop_idx] = False
+        flat[grow_idx] = True
+        if int(flat.sum()) != n_active or int((flat != active).sum()) != 2 * alpha:
+            raise MaskUpdateError(f"group {g}: swap changed the density")
+        d_flat = torch.zeros_like(active)
+        d_flat[drop_idx] = True
+        r_flat = torch.zeros_like(active)
+        r_flat[grow_idx] = True
+        for n, part, dpart, rpart in zip(names, flat.split(sizes), d_flat.split(sizes), r_flat.split(sizes)):
+            shape = masks[n].shape[1:]
+            new[n][g] = part.reshape(shape)
+            dropped[n][g] = dpart.reshape(shape)
+            recovered[n][g] = rpart.reshape(shape)
+    return SwapResult(new, dropped, recovered, alpha)
+
+
+def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Per group, keep the ``round(density·|θ|)`` highest-scoring entries over all targets
+    (G-HarmoDT's M_G = 1 − ArgBtmK_{S·|θ|}(Σ GH)). ``scores``: name -> ``[G, *P]``."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    names = list(scores)
+    sizes = [scores[n][0].numel() for n in names]
+    n_groups = next(iter(scores.values())).shape[0]
+    total = sum(sizes)
+    keep = int(round(density * total))
+    out = {n: torch.zeros(scores[n].shape, dtype=torch.bool, device=scores[n].device) for n in names}
+    for g in range(n_groups):
+        s = _flat(scores, names, g).float()
+        if torch.isnan(s).any():
+            raise MaskUpdateError(f"group {g}: NaN in the scores")
+        flat = torch.zeros(total, dtype=torch.bool, device=s.device)
+        flat[torch.topk(s, keep, largest=True).indices] = True
+        for n, part in zip(names, flat.split(sizes)):
+            out[n][g] = part.reshape(scores[n].shape[1:])
+    return out
+
+
+def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler") -> None:
+    """Fail before training if the schedule would ever ask for more swaps than a group can make."""
+    need = scheduler.max_alpha()
+    if need == 0:
+        return
+    counts = masks.counts()
+    total = masks.numel()
+    for g, c in enumerate(counts.tolist()):
+        if need > c or need > total - c:
+            raise MaskUpdateError(
+                f"{key}: alpha reaches {need} but group {g} has {c} active and {total - c} inactive "
+                f"entries; every update must drop and recover alpha entries. Lower {key}.eta_max (or "
+                f"{key}.alpha), or use a density < 1 (a dense initializer leaves nothing to recover: "
+                f"use scheduler=frozen)")
+
+
+@dataclass
+class MaskUpdater:
+    """Runs one mask update: estimate gradients, score, swap, fix optimizer state.
+
+    Args:
+        scorer: a ``Scorer``.
+        scheduler: a ``Scheduler`` (α_t).
+        every: t_m, steps between updates (0: never).
+        recovery_gradient: ``"dense"`` (Algorithm 2) or ``"masked_point"`` (cheaper).
+        recovered_state: ``"reset_dormant"`` zeroes optimizer moments of recovered entries that
+            no group used before the update; ``"keep"`` leaves them.
+    """
+
+    scorer: Scorer
+    scheduler: Scheduler
+    every: int
+    recovery_gradient: str = "dense"
+    recovered_state: str = "reset_dormant"
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"masking.update_every must be >= 0, got {self.every}")
+        if self.recovery_gradient not in RECOVERY_GRADIENTS:
+            raise ValueError(f"masking.recovery_gradient must be one of {RECOVERY_GRADIENTS}, got {self.recovery_gradient!r}")
+        if self.recovered_state not in RECOVERED_STATE:
+            raise ValueError(f"masking.recovered_state must be one of {RECOVERED_STATE}, got {self.recovered_state!r}")
+
+    def due(self, step: int) -> bool:
+        """Whether an update runs after optimizer step ``step`` (1-based): every t_m steps."""
+        return self.every > 0 and step > 0 and step % self.every == 0 and self.scheduler.alpha(step) > 0
+
+    def update(self, step: int, model: nn.Module, masks: MaskSet, loss_fn: LossFn, batches: Batches,
+               optimizer: Any = None, progress=None) -> dict[str, float]:
+        """Update ``masks`` in place; returns ``mask/…`` metrics."""
+        t0 = time.perf_counter()
+        alpha = self.scheduler.alpha(step)
+        grads = estimate_gradients(model, masks, loss_fn, batches, recovery=self.recovery_gradient, progress=progress)
+        t_grad = time.perf_counter() - t0
+        params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+        before = masks.as_dict()
+        result = swap(before, self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads), alpha)
+        h = harmony(grads, before)
+        revived = {n: result.masks[n].any(dim=0) & ~before[n].any(dim=0) for n in masks.names}
+        masks.set_masks(result.masks)
+        n_reset = 0
+        if optimizer is not None and self.recovered_state == "reset_dormant":
+            n_reset = optimizer.reset_entries(revived)
+        dens = masks.density()
+        return {
+            "mask/alpha": float(alpha),
+            "mask/harmony": h,
+            "mask/density_mean": float(dens.mean()),
+            "mask/swapped": float(2 * alpha * masks.n_groups),
+            "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
+            "mask/optimizer_entries_reset": float(n_reset),
+            "time/mask_update_s": time.perf_counter() - t0,
+            "time/mask_gradients_s": t_grad,
+        }
+
+
+def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, loss_fn: LossFn,
+                batches: Batches, density: float, seed: int, recovery_gradient: str = "dense") -> dict[str, Any]:
+    """G-HarmoDT stage 2 (Algorithm 4): group tasks and initialise one mask per group, in place.
+
+    Each task's harmony vector GH(T_i, 1) is scored with all-ones masks and one group per task;
+    the grouper clusters those vectors; each group's mask keeps the ``round(density·|θ|)`` entries
+    with the highest summed harmony Σ_{i∈G_j} GH(T_i, 1) over all targets.
+
+    Returns ``{"task_to_group", "task_vectors" [N, D], "harmony"}``.
+    """
+    ones = MaskSet({n: torch.ones((masks.n_tasks, *m.shape[1:]), dtype=torch.bool, device=m.device)
+                    for n, m in masks.items()}, masks.tasks)
+    grads = estimate_gradients(model, ones, loss_fn, batches, recovery=recovery_gradient)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+    scores = scorer.drop_scores(grads, params, ones.as_dict())  # [N, *P] per target
+    vectors = torch.cat([scores[n].reshape(masks.n_tasks, -1) for n in masks.names], dim=1)
+    t2g = grouper.group(vectors, seed)
+    n_groups = max(t2g) + 1
+    idx = torch.tensor(t2g)
+    summed = {n: torch.zeros((n_groups, *s.shape[1:]), dtype=s.dtype, device=s.device).index_add_(0, idx.to(s.device), s)
+              for n, s in scores.items()}
+    masks.set_grouping(t2g, masks_from_scores(summed, density))
+    return {"task_to_group": t2g, "task_vectors": vectors, "harmony": harmony(grads, ones.as_dict())}

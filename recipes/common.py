@@ -1,0 +1,180 @@
+"""Pieces every recipe's loop shares: run directory rules, task sampling, result files and table."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from maskmtl.outputs import CHECKPOINT, RESULTS, write_json
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds a finished run; nothing is overwritten."""
+
+
+def run_dir() -> Path:
+    """Hydra's output directory for this run (or sweep job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def resume_point(out: Path) -> Path | None:
+    """The checkpoint to resume from, ``None`` for a fresh run; refuses a finished run's folder."""
+    if (out / RESULTS).exists():
+        raise RunDirError(f"{out} already holds a finished run ({RESULTS}); nothing was overwritten. "
+                          f"Choose another hydra.run.dir (or delete that folder) to run again.")
+    ckpt = out / CHECKPOINT
+    return ckpt if ckpt.exists() else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, offset: int) -> torch.Generator:
+    """An explicit CPU generator for one random stream (data, masks, task order …)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + offset)
+
+
+def next_task(step: int, n_tasks: int, mode: str, generator: torch.Generator) -> int:
+    """Task trained at 1-based ``step``: ``round_robin`` cycles, ``uniform`` draws."""
+    if mode == "round_robin":
+        return (step - 1) % n_tasks
+    if mode == "uniform":
+        return int(torch.randint(n_tasks, (1,), generator=generator))
+    raise ValueError(f"train.task_sampling={mode!r}: expected round_robin or uniform")
+
+
+def chosen_options(cfg: DictConfig) -> dict[str, Any]:
+    """The config groups' choices (scorer=…, initializer=…) as Hydra recorded them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # not under Hydra (tests building cfg by hand)
+        choices = {}
+    return {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+
+
+def write_results(out: Path, cfg: DictConfig, *, per_task: Mapping[str, Mapping[str, float]], headline: str,
+                  steps: int, wall_time_s: float, extra: Mapping[str, Any] | None = None) -> dict:
+    """Write ``results.json`` (output contract) and return it."""
+    means = {}
+    for metric in next(iter(per_task.values())):
+        means[metric] = float(np.mean([v[metric] for v in per_task.values()]))
+    results = {
+        "recipe": cfg.recipe_name,
+        "options": chosen_options(cfg),
+        "seed": int(cfg.seed),
+        "tasks": list(cfg.tasks),
+        "per_task": {k: dict(v) for k, v in per_task.items()},
+        "mean": means,
+        "headline": {"name": headline, "value": means[headline]},
+        "steps": int(steps),
+        "wall_time_s": float(wall_time_s),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **dict(extra or {}),
+    }
+    write_json(out / RESULTS, results)
+    return results
+
+
+def print_table(title: str, per_task: Mapping[str, Mapping[str, float]], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    metrics = list(next(iter(per_task.values())))
+    table = Table(title=title)
+    table.add_column("task")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for task, vals in per_task.items():
+        table.add_row(task, *(f"{vals[m]:.4f}" for m in metrics))
+    table.add_row("[b]mean[/b]", *(f"[b]{np.mean([v[m] for v in per_task.values()]):.4f}[/b]" for m in metrics))
+    console.print(table)
+
+
+class training_progress:
+    """Rich progress bar over training steps with loss and steps/s; on a non-terminal (CI, log
+    files) it prints a plain line at every 10 % instead of redrawing."""
+
+    def __init__(self, total: int, start: int = 0, description: str = "train"):
+        from rich.console import Console
+
+        self.total, self.done, self.description = total, start, description
+        self.console = Console()
+        self.live = self.console.is_terminal
+        self._t0 = None
+
+    def __enter__(self):
+        import time
+
+        self._t0, self._start = time.perf_counter(), self.done
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]:.1f} steps/s  loss {task.fields[loss]:.4f}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, rate=0.0, loss=0.0)
+        return self
+
+    def advance(self, loss: float) -> None:
+        import time
+
+        self.done += 1
+        rate = (self.done - self._start) / max(time.perf_counter() - self._t0, 1e-9)
+        if self.live:
+            self._bar.update(self._task, advance=1, rate=rate, loss=loss)
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            self.console.print(f"{self.description}: step {self.done}/{self.total}  {rate:.1f} steps/s  loss {loss:.4f}")
+
+    def __exit__(self, *exc):
+        if self.live:
+            self._bar.__exit__(*exc)
+        return False
+
+
+def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
+    """Plot every ``eval/…`` per-task curve, the mean, and ``mask/harmony`` vs step (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maskmtl.outputs import read_metrics
+    from maskmtl.masks import atomic_write_bytes
+    import io
+
+    rows = read_metrics(metrics_path)
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/mean")})
+    mean_keys = sorted({k for r in rows for k in r if k.startswith("eval/mean")})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for keys, style in ((eval_keys, dict(alpha=0.4, lw=1)), (mean_keys, dict(color="k", lw=2))):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), label=k.removeprefix("eval/"), **style)
+    axes[0].set(xlabel="step", ylabel="evaluation metric", title="evaluation")
+    axes[0].legend(fontsize=7)
+    pts = [(r["step"], r["mask/harmony"]) for r in rows if r.get("mask/harmony") is not None]
+    if pts:
+        axes[1].plot(*zip(*pts), marker="o")
+    axes[1].set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())

@@ -1,0 +1,146 @@
+"""Digits recipe: the maskmtl core on a non-RL multi-task classifier, top to bottom.
+
+    python tools/run.py recipe=digits                      # learned masks (ERK + Fisher)
+    python tools/run.py recipe=digits variant=dense        # dense multi-task baseline
+    python tools/run.py recipe=digits variant=frozen       # fixed random ERK masks
+    python tools/run.py recipe=digits grouper=knn grouper.n_groups=2   # grouped masks
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from maskmtl import MaskedAdamW, group_tasks, load_checkpoint, save_checkpoint, save_masks
+from maskmtl.config import ConfigError, Masking, choose_device
+from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.targets import print_target_report, target_report_rows
+from maskmtl.update import check_schedule
+from recipes.common import (make_generator, next_task, plot_curves, print_table, resume_point, run_dir,
+                            seed_everything, training_progress, write_results)
+from recipes.digits.task import DigitsTasks, MultiTaskMLP
+
+
+def loss_fn(forward, task: int, batch) -> torch.Tensor:
+    x, y = batch
+    logits = forward(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
+    return F.cross_entropy(logits, y)
+
+
+@torch.no_grad()
+def evaluate(masking: Masking, data: DigitsTasks, device) -> dict[str, dict[str, float]]:
+    """Test accuracy and loss per task, each task under its own group's mask (dropout off)."""
+    model = masking.model.model
+    was_training = model.training
+    model.eval()
+    out = {}
+    x = data.x_test.to(device)
+    for i, task in enumerate(data.tasks):
+        y = data.y_test[i].to(device)
+        logits = masking.model(i, x, torch.full((x.shape[0],), i, dtype=torch.long, device=device))
+        out[task] = {"accuracy": float((logits.argmax(-1) == y).float().mean()),
+                     "loss": float(F.cross_entropy(logits, y))}
+    model.train(was_training)
+    return out
+
+
+def run(cfg: DictConfig) -> dict | None:
+    # ------------------------------------------------------------------ build
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    out = run_dir()
+    tasks = list(cfg.tasks)
+    smoke = bool(cfg.smoke)  # smoke: 300 images, a 64-unit model
+    data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if smoke else None)
+    model = MultiTaskMLP(64, len(tasks), 64 if smoke else cfg.model.hidden, cfg.model.depth,
+                         dropout=cfg.model.dropout).to(device)
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masks = masking.masks
+    print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    if cfg.dry_run:
+        return None
+    steps = int(cfg.train.steps)
+    warmup = int(cfg.grouping.warmup_steps) if masking.needs_grouping else 0
+    if masking.needs_grouping and not 0 < warmup < steps:
+        raise ConfigError(f"grouping.warmup_steps={warmup}: expected 0 < warmup < train.steps={steps}")
+    optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    gens = {"data": make_generator(cfg.seed, 2), "tasks": make_generator(cfg.seed, 3),
+            "scores": make_generator(cfg.seed, 4)}
+    start, wall_before = 0, 0.0
+    ckpt = resume_point(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                map_location=device)
+        start, wall_before = state["step"], state["extra"].get("wall_time_s", 0.0)
+        print(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+
+    def to_dev(batch):
+        return tuple(t.to(device) for t in batch)
+
+    def score_batches(task: int):
+        return [to_dev(data.batch(task, cfg.train.batch_size, gens["scores"])) for _ in range(cfg.masking.grad_batches)]
+
+    # ------------------------------------------------------------------ train
+    model.train()
+    with training_progress(steps, start) as progress:
+        for step in range(start + 1, steps + 1):
+            task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
+            group = masks.group_of(task)
+            batch = to_dev(data.batch(task, cfg.train.batch_size, gens["data"]))
+            loss = loss_fn(masking.model.bind(task), task, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step(group=group)
+            metrics = {}
+
+            # -------------------------------------------------- grouping (G-HarmoDT stage 2)
+            if masking.needs_grouping and step == warmup:
+                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
+                check_schedule(masking.scheduler, masks)
+                print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
+                metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})
+
+            # -------------------------------------------------- mask update (Algorithm 2 / 5)
+            elif step > warmup and masking.updater.due(step):
+                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+
+            if step % cfg.train.log_every == 0:
+                metrics.update({"train/loss": float(loss), "train/task": float(task)})
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                ev = evaluate(masking, data, device)
+                metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})
+                metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
+            if metrics:
+                log.log(step, metrics)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
+                save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
+                                generators=gens, extra={"wall_time_s": wall_before + time.perf_counter() - t_start})
+            progress.advance(loss=loss.item())
+
+    # ------------------------------------------------------------------ finish
+    log.close()
+    final = evaluate(masking, data, device)
+    save_masks(masks, out / MASKS)
+    wall = wall_before + time.perf_counter() - t_start
+    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                    extra={"wall_time_s": wall})
+    print_table(f"digits: test metrics after {steps} steps", final)
+    results = write_results(
+        out, cfg, per_task=final, headline="accuracy", steps=steps, wall_time_s=wall,
+        extra={"task_to_group": masks.task_to_group, "density": masks.density().tolist(),
+               "resumed_from": start if ckpt is not None else None},
+    )
+    plot_curves(out / METRICS, out / "curves.png", title=f"digits ({', '.join(f'{k}={v}' for k, v in results['options'].items() if k != 'recipe')})")
+    print(f"results: {out / 'results.json'}")
+    return results

@@ -44,6 +44,29 @@ def make_generator(seed: int, offset: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + offset)
 
 
+TASK_SAMPLING = ("round_robin", "uniform")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Validate the shared ``train.*`` keys before anything is built."""
+    from maskmtl.config import require
+
+    is_int = lambda lo: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo)  # noqa: E731
+    require(cfg, "train.steps", is_int(1), "an integer >= 1")
+    require(cfg, "train.batch_size", is_int(1), "an integer >= 1")
+    require(cfg, "train.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+    require(cfg, "train.weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
+    require(cfg, "train.task_sampling", lambda v: v in TASK_SAMPLING, f"one of {TASK_SAMPLING}")
+    require(cfg, "train.log_every", is_int(1), "an integer >= 1")
+    for key in ("train.eval_every", "train.checkpoint_every"):
+        require(cfg, key, is_int(0), "an integer >= 0 (0: never)")
+    clip = cfg.train.grad_clip
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        from maskmtl.config import ConfigError
+
+        raise ConfigError(f"train.grad_clip={clip!r}: expected null or a number > 0")
+
+
 def next_task(step: int, n_tasks: int, mode: str, generator: torch.Generator) -> int:
     """Task trained at 1-based ``step``: ``round_robin`` cycles, ``uniform`` draws."""
     if mode == "round_robin":
@@ -178,3 +201,17 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(png, buf.getvalue())
+
+
+KILL_ENV = "MASKMTL_KILL_AT_STEP"
+
+
+def kill_point(step: int) -> None:
+    """Fault injection for the kill-and-resume tests: when the environment variable
+    ``MASKMTL_KILL_AT_STEP`` equals ``step``, the process kills itself with SIGKILL (no cleanup,
+    no final checkpoint), exactly like a job killed by the OS or the scheduler."""
+    import os
+    import signal
+
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -19,7 +19,7 @@ from maskmtl.config import ConfigError, Masking, choose_device
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (make_generator, next_task, plot_curves, print_table, resume_point, run_dir,
+from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, print_table, resume_point, run_dir,
                             seed_everything, training_progress, write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
@@ -50,6 +50,7 @@ def evaluate(masking: Masking, data: DigitsTasks, device) -> dict[str, dict[str,
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
     t_start = time.perf_counter()
+    check_train_config(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = choose_device(cfg.device)
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict | None:
                 save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
                                 generators=gens, extra={"wall_time_s": wall_before + time.perf_counter() - t_start})
             progress.advance(loss=loss.item())
+            kill_point(step)
 
     # ------------------------------------------------------------------ finish
     log.close()

@@ -1,0 +1,226 @@
+"""Layer 2: contract tests of every plug-in and of masked training on toy modules of every kind."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from maskmtl import (AgreementScorer, ConstantScheduler, CosineScheduler, DenseInitializer, ERKInitializer,
+                     FisherScorer, KNNGrouper, MagnitudeScorer, MaskedAdamW, MaskedModel, MaskSet, MaskUpdater,
+                     NoneGrouper, RandomInitializer, estimate_gradients, load_masks, read_masks_file, save_masks,
+                     select_targets)
+from maskmtl.interfaces import Grouper, Initializer, Scheduler, Scorer
+from toys import INCLUDE, TOYS, loss_fn, make
+
+INITIALIZERS = {"dense": DenseInitializer(), "random": RandomInitializer(0.6), "erk": ERKInitializer(0.6)}
+SCORERS = {"agreement": AgreementScorer(), "magnitude": MagnitudeScorer(), "fisher": FisherScorer(),
+           "fisher_published": FisherScorer(weighting="published", log_loss=False)}
+TASKS = ["a", "b", "c"]
+
+
+def setup(kind, init="random", n_groups=3, seed=0):
+    model = make(kind, seed)
+    targets = select_targets(model, INCLUDE)
+    shapes = {t.name: t.shape for t in targets}
+    masks = MaskSet(INITIALIZERS[init].init_masks(shapes, n_groups, torch.Generator().manual_seed(seed)), TASKS,
+                    list(range(n_groups)) if n_groups == 3 else [0, 1, 1])
+    return model, masks
+
+
+def batches_for(model_cls, n=2):
+    def batches(task):
+        g = torch.Generator().manual_seed(100 + task)
+        return [model_cls.inputs(g) for _ in range(n)]
+    return batches
+
+
+def test_protocols_are_satisfied():
+    for s in SCORERS.values():
+        assert isinstance(s, Scorer)
+    for i in INITIALIZERS.values():
+        assert isinstance(i, Initializer)
+    assert isinstance(CosineScheduler(0, 10, 100), Scheduler) and isinstance(ConstantScheduler(3), Scheduler)
+    assert isinstance(NoneGrouper(), Grouper) and isinstance(KNNGrouper(2), Grouper)
+
+
+@pytest.mark.parametrize("kind", TOYS)
+def test_tied_weights_are_one_target(kind):
+    model = make(kind)
+    names = [t.name for t in select_targets(model, INCLUDE)]
+    assert len(names) == len(set(names))
+    if kind == "tied":
+        assert "emb.weight" in names and "proj.weight" not in names
+
+
+@pytest.mark.parametrize("init", INITIALIZERS)
+@pytest.mark.parametrize("kind", TOYS)
+def test_initializer_contract(kind, init):
+    model = make(kind)
+    shapes = {t.name: t.shape for t in select_targets(model, INCLUDE)}
+    ini = INITIALIZERS[init]
+    dens = ini.densities(shapes)
+    masks = ini.init_masks(shapes, 4, torch.Generator().manual_seed(7))
+    again = ini.init_masks(shapes, 4, torch.Generator().manual_seed(7))
+    for n, shape in shapes.items():
+        m = masks[n]
+        assert m.dtype == torch.bool and tuple(m.shape) == (4, *shape)
+        numel = m[0].numel()
+        assert 0.0 < dens[n] <= 1.0
+        # exact counts in every group row
+        assert m.reshape(4, -1).sum(1).tolist() == [int(round(dens[n] * numel))] * 4
+        assert torch.equal(m, again[n]), "same generator seed must give the same masks"
+
+
+@pytest.mark.parametrize("kind", TOYS)
+def test_masked_forward_and_gradient_equal_explicit_masking(kind):
+    model, masks = setup(kind)
+    mm = MaskedModel(model, masks)
+    x = type(model).inputs(torch.Generator().manual_seed(3))
+    task = 1
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = mm(task, *x)
+    loss = loss_fn(lambda *a: mm(task, *a), task, x)
+    loss.backward()
+    # reference: a copy whose weights are multiplied by the mask in place
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n in masks.names:
+                p.mul_(masks[n][task])
+    ref_out = ref(*x)
+    torch.testing.assert_close(out, ref_out)
+    loss_fn(ref, task, x).backward()
+    refp = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if n in masks.names:
+            # ∇L(θ⊙M)⊙M: the reference's gradient at masked weights, times the mask
+            torch.testing.assert_close(p.grad, refp[n].grad * masks[n][task])
+            assert (p.grad[~masks[n][task]] == 0).all()
+    # θ itself is untouched by the masked forward and backward
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), theta[n]), n
+
+
+@pytest.mark.parametrize("kind", TOYS)
+def test_masked_adamw_leaves_outside_entries_bit_identical(kind):
+    model, masks = setup(kind)
+    mm = MaskedModel(model, masks)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    # warm every entry's moments with dense steps, so stale momentum would move masked entries
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model, 0, type(model).inputs(g)).backward()
+        opt.step(group=None)
+    for step in range(6):
+        task = step % 3
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        st = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+              for n, p in model.named_parameters() if n in masks.names}
+        opt.zero_grad()
+        loss_fn(mm.bind(task), task, type(model).inputs(g)).backward()
+        opt.step(group=masks.group_of(task))
+        for n, p in model.named_parameters():
+            if n not in masks.names:
+                continue
+            off = ~masks[n][masks.group_of(task)]
+            assert torch.equal(p.detach()[off], before[n][off]), f"{n}: masked-out value moved"
+            assert torch.equal(opt.state[p]["exp_avg"][off], st[n][0][off])
+            assert torch.equal(opt.state[p]["exp_avg_sq"][off], st[n][1][off])
+            on = masks[n][masks.group_of(task)]
+            if on.any() and p.grad[on].abs().sum() > 0:
+                assert not torch.equal(p.detach()[on], before[n][on]), f"{n}: active entries did not move"
+
+
+@pytest.mark.parametrize("kind", TOYS)
+def test_masked_adamw_with_full_masks_matches_torch_adamw(kind):
+    model, masks = setup(kind, init="dense")
+    ref = copy.deepcopy(model)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x = type(model).inputs(g)
+        opt.zero_grad(), ref_opt.zero_grad()
+        loss_fn(MaskedModel(model, masks).bind(step % 3), step % 3, x).backward()
+        loss_fn(ref, step % 3, x).backward()
+        opt.step(group=step % 3)
+        ref_opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("kind", TOYS)
+def test_scorer_and_update_contract(kind, scorer):
+    model, masks = setup(kind, n_groups=2)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-3)
+    grads = estimate_gradients(model, masks, loss_fn, batches_for(type(model)))
+    params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+    drop = SCORERS[scorer].drop_scores(grads, params, masks.as_dict())
+    grow = SCORERS[scorer].grow_scores(grads)
+    for n, m in masks.items():
+        assert drop[n].shape == m.shape and grow[n].shape == m.shape
+        assert torch.isfinite(drop[n]).all() and torch.isfinite(grow[n]).all()
+    before = {n: m.clone() for n, m in masks.items()}
+    counts = masks.counts().clone()
+    alpha = 3
+    upd = MaskUpdater(SCORERS[scorer], ConstantScheduler(alpha), every=1)
+    metrics = upd.update(1, model, masks, loss_fn, batches_for(type(model)), optimizer=opt)
+    assert torch.equal(masks.counts(), counts), "density changed"
+    changed = sum(int((masks[n] != before[n]).reshape(2, -1).sum()) for n in masks.names)
+    assert changed == 2 * alpha * 2 and metrics["mask/swapped"] == 2 * alpha * 2
+    assert -1.0 <= metrics["mask/harmony"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", TOYS)
+def test_save_load_roundtrip_and_mismatches(kind, tmp_path):
+    model, masks = setup(kind, n_groups=2)
+    path = tmp_path / "masks.safetensors"
+    save_masks(masks, path)
+    _, other = setup(kind, n_groups=3, seed=5)
+    load_masks(other, path)  # regrouping to the file's 2 groups is allowed
+    assert other.task_to_group == masks.task_to_group and other.tasks == masks.tasks
+    for n in masks.names:
+        assert other[n].dtype == torch.bool and torch.equal(other[n], masks[n])
+    # save(load(x)) holds the same tensors and metadata (the header's key order may differ)
+    save_masks(other, tmp_path / "again.safetensors")
+    a, b = read_masks_file(path), read_masks_file(tmp_path / "again.safetensors")
+    assert a[1:] == b[1:] and a[0].keys() == b[0].keys()
+    assert all(torch.equal(a[0][k], b[0][k]) and b[0][k].dtype == torch.bool for k in a[0])
+
+
+def test_load_refuses_mismatches(tmp_path):
+    from maskmtl import MaskError
+
+    model, masks = setup("mlp", n_groups=3)
+    path = tmp_path / "m.safetensors"
+    save_masks(masks, path)
+    wrong_tasks = MaskSet(masks.as_dict(), ["a", "b", "x"])
+    with pytest.raises(MaskError, match="tasks"):
+        load_masks(wrong_tasks, path)
+    fewer = MaskSet({masks.names[0]: masks[masks.names[0]]}, TASKS)
+    with pytest.raises(MaskError, match="missing|unexpected"):
+        load_masks(fewer, path)
+    _, conv_masks = setup("conv")
+    with pytest.raises(MaskError):
+        load_masks(conv_masks, path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(MaskError, match="not a readable"):
+        load_masks(masks, path)
+
+
+@pytest.mark.parametrize("algorithm", KNNGrouper.ALGORITHMS)
+def test_grouper_recovers_planted_clusters(algorithm):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 200, generator=g) * 3
+    truth = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]
+    vectors = centers[truth] + 0.3 * torch.randn(12, 200, generator=g)
+    grouper = KNNGrouper(n_groups=3, algorithm=algorithm, n_neighbors=3)
+    groups = grouper.group(vectors, seed=0)
+    assert groups == truth  # canonical numbering = first appearance
+    assert grouper.group(vectors, seed=0) == groups
+    assert NoneGrouper().group(vectors, seed=0) == list(range(12))

@@ -1,0 +1,66 @@
+"""Properties over thousands of random cases: swaps never change a group's density, never drop an
+inactive entry nor recover an active one; masked optimizer steps never move an entry outside the
+group's mask."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maskmtl import MaskedAdamW, MaskSet, swap
+
+
+@settings(max_examples=2000, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 4), n_a=st.integers(2, 30),
+       n_b=st.integers(1, 12), ties=st.booleans(), frac=st.floats(0.05, 0.95))
+def test_random_swaps_keep_invariants(seed, groups, n_a, n_b, ties, frac):
+    g = torch.Generator().manual_seed(seed)
+    masks = {"a": torch.rand(groups, n_a, generator=g) < frac, "b": torch.rand(groups, n_b, 2, generator=g) < frac}
+    flat = torch.cat([masks["a"].reshape(groups, -1), masks["b"].reshape(groups, -1)], 1)
+    active = flat.sum(1)
+    limit = int(torch.minimum(active, flat.shape[1] - active).min())
+    alpha = int(torch.randint(0, limit + 1, (1,), generator=g)) if limit > 0 else 0
+
+    def scores(shape):
+        s = torch.randn(shape, generator=g)
+        return s.round() if ties else s  # ties: many equal scores
+
+    res = swap(masks, {k: scores(v.shape) for k, v in masks.items()}, {k: scores(v.shape) for k, v in masks.items()},
+               alpha)
+    new = torch.cat([res.masks["a"].reshape(groups, -1), res.masks["b"].reshape(groups, -1)], 1)
+    dropped = torch.cat([res.dropped["a"].reshape(groups, -1), res.dropped["b"].reshape(groups, -1)], 1)
+    recov = torch.cat([res.recovered["a"].reshape(groups, -1), res.recovered["b"].reshape(groups, -1)], 1)
+    assert torch.equal(new.sum(1), active)  # density unchanged, every group
+    assert not (dropped & ~flat).any() and not (recov & flat).any()  # drop ⊆ active, recover ⊆ inactive
+    assert (dropped.sum(1) == alpha).all() and (recov.sum(1) == alpha).all()
+    assert torch.equal(new, (flat & ~dropped) | recov)
+
+
+def test_thousands_of_chained_updates_keep_density():
+    g = torch.Generator().manual_seed(0)
+    masks = MaskSet({"w": torch.rand(3, 50, generator=g) < 0.6, "v": torch.rand(3, 4, 5, generator=g) < 0.3},
+                    ["x", "y", "z"])
+    counts = masks.counts().clone()
+    for _ in range(3000):
+        cur = masks.as_dict()
+        res = swap(cur, {k: torch.randn(v.shape, generator=g) for k, v in cur.items()},
+                   {k: torch.randn(v.shape, generator=g) for k, v in cur.items()}, alpha=int(torch.randint(0, 9, (1,), generator=g)))
+        masks.set_masks(res.masks)
+        assert torch.equal(masks.counts(), counts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), wd=st.sampled_from([0.0, 0.1]))
+def test_masked_steps_never_move_entries_outside_the_mask(seed, wd):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(4, 6, generator=g))
+    masks = MaskSet({"p": torch.rand(3, 4, 6, generator=g) < 0.5}, ["a", "b", "c"])
+    opt = MaskedAdamW([("p", p)], masks, lr=0.05, weight_decay=wd)
+    for step in range(8):
+        grp = int(torch.randint(0, 3, (1,), generator=g))
+        m = masks["p"][grp]
+        before = p.detach().clone()
+        p.grad = torch.randn(4, 6, generator=g) * m  # a masked gradient, as the masked forward gives
+        opt.step(group=grp)
+        assert torch.equal(p.detach()[~m], before[~m])

@@ -1,0 +1,106 @@
+"""Layers 4 and 5: CPU smoke runs of the recipes through the real command line, the output
+contract, errors before training, and kill-and-resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskmtl import read_masks_file
+from maskmtl.outputs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "run.py"), *args], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def check_contract(d: Path, recipe: str) -> dict:
+    r = json.loads((d / "results.json").read_text())
+    for key in ("recipe", "options", "tasks", "per_task", "headline", "steps", "wall_time_s"):
+        assert key in r, key
+    assert r["recipe"] == recipe and set(r["per_task"]) == set(r["tasks"])
+    masks, tasks, t2g = read_masks_file(d / "masks.safetensors")
+    assert tasks == r["tasks"] and len(t2g) == len(tasks)
+    assert all(m.dtype == torch.bool and m.shape[0] == max(t2g) + 1 for m in masks.values())
+    rows = read_metrics(d / "metrics.jsonl")
+    assert rows and all("step" in row for row in rows)
+    return r
+
+
+@pytest.mark.slow
+def test_digits_smoke_every_scorer_and_variant(tmp_path):
+    run("-m", "recipe=digits", "debug=smoke", "scorer=fisher,magnitude,agreement,fisher_published",
+        "variant=dense,frozen,learned", f"hydra.sweep.dir={tmp_path}")
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "results.json").exists())
+    assert len(dirs) == 12
+    for d in dirs:
+        r = check_contract(d, "digits")
+        assert r["steps"] == 20
+        if r["options"]["variant"] == "dense":
+            assert r["density"] == [1.0] * 4
+        else:
+            assert all(abs(x - 0.8) < 0.01 for x in r["density"])
+
+
+@pytest.mark.slow
+def test_digits_smoke_grouped(tmp_path):
+    run("recipe=digits", "debug=smoke", "grouper=knn", "grouper.n_groups=2", "grouping.warmup_steps=5",
+        "initializer=random", f"hydra.run.dir={tmp_path}")
+    r = check_contract(tmp_path, "digits")
+    assert sorted(set(r["task_to_group"])) == [0, 1] and len(r["density"]) == 2
+    assert all(abs(x - 0.8) < 0.01 for x in r["density"])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    common = ["recipe=digits", "debug=smoke", "train.steps=40", "train.checkpoint_every=10", "masking.update_every=5",
+              "train.eval_every=10", "train.task_sampling=uniform"]
+    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
+    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "27"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
+    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    ra, rb = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    assert rb["resumed_from"] == 20
+    assert ra["per_task"] == rb["per_task"]
+    ma, mb = read_masks_file(tmp_path / "a" / "masks.safetensors"), read_masks_file(tmp_path / "b" / "masks.safetensors")
+    assert all(torch.equal(ma[0][k], mb[0][k]) for k in ma[0])
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    # a finished run is never overwritten
+    again = run(*common, f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert again.returncode != 0 and "already holds a finished run" in again.stderr + again.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("targets.include=nothing_matches", "targets.include='nothing_matches' matched none"),
+    ("targets.exclude=.*", "excluded all"),
+    ("initializer.density=1.5", "initializer.density must be in (0, 1]"),
+    ("scheduler.eta_max=100000", "scheduler: alpha reaches 100000"),
+    ("masking.grad_batches=0", "masking.grad_batches"),
+    ("train.task_sampling=sometimes", "train.task_sampling"),
+    ("scorer=nope", "Could not find 'scorer/nope'"),
+])
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, message):
+    p = run("recipe=digits", "debug=smoke", override, f"hydra.run.dir={tmp_path}", check=False)
+    assert p.returncode != 0
+    assert message in p.stderr + p.stdout
+    assert not (tmp_path / "metrics.jsonl").exists(), "training started"
+
+
+def test_dry_run_prints_the_target_report(tmp_path):
+    p = run("recipe=digits", "debug=smoke", "dry_run=true", f"hydra.run.dir={tmp_path}")
+    assert "mask targets" in p.stdout and "body.0.weight" in p.stdout
+    assert not (tmp_path / "results.json").exists()

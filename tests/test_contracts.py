@@ -224,3 +224,12 @@ def test_grouper_recovers_planted_clusters(algorithm):
     assert groups == truth  # canonical numbering = first appearance
     assert grouper.group(vectors, seed=0) == groups
     assert NoneGrouper().group(vectors, seed=0) == list(range(12))
+
+
+def test_mask_state_dict_survives_regrouping():
+    """A checkpoint taken after grouping (2 groups) loads into a fresh one-group-per-task MaskSet."""
+    _, masks = setup("mlp", n_groups=2)
+    _, fresh = setup("mlp", n_groups=3, seed=9)
+    fresh.load_state_dict(masks.state_dict())
+    assert fresh.task_to_group == [0, 1, 1] and fresh.n_groups == 2
+    assert all(torch.equal(fresh[n], masks[n]) for n in masks.names)

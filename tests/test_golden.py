@@ -158,3 +158,12 @@ def test_estimated_gradients_match_analytic_values():
     torch.testing.assert_close(g.task_loss[1], (r1**2).double())
     gm = estimate_gradients(model, masks, loss_fn, lambda i: [x], recovery="masked_point")
     torch.testing.assert_close(gm.dense["w"][1], 2 * r1 * x)  # at θ⊙M, without the final ⊙M
+
+
+def test_voting_mask_counts_and_fractions():
+    # 4 tasks, tasks c and d share group 2. Votes per entry: [4, 1 + 1, 1 + 2, 0] = [4, 2, 3, 0]
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    ms = MaskSet({"w": m}, ["a", "b", "c", "d"], [0, 1, 2, 2])
+    assert ms.voting_mask(2)["w"].tolist() == [True, False, True, False]  # strictly more than 2 votes
+    assert ms.voting_mask(0.5)["w"].tolist() == [True, False, True, False]  # > 0.5 · 4 tasks
+    assert ms.voting_mask(0)["w"].tolist() == [True, True, True, False]

@@ -4,7 +4,8 @@ Every task sees the same images but maps the ten digits to the ten outputs of on
 its own way, so tasks pull the shared head (and the layers feeding it) in opposite directions.
 Task names: ``digit`` (y), ``reverse`` (9 − y), ``shiftK`` ((y + K) mod 10, K = 1..9),
 ``parity`` (y mod 2), ``large`` (y ≥ 5). The model gets the task id as an embedding added to its
-first hidden layer (as MTDT adds a task embedding), so a dense model can in principle solve all.
+first hidden layer (as MTDT adds a task embedding), so a dense model can in principle solve all;
+with ``model.task_input=false`` it does not, and only the masks tell the tasks apart.
 """
 
 from __future__ import annotations
@@ -63,18 +64,23 @@ class DigitsTasks:
 class MultiTaskMLP(nn.Module):
     """x [B, 64], task [B] -> logits [B, 10]; ReLU MLP with a task embedding on the first layer."""
 
-    def __init__(self, n_in: int, n_tasks: int, hidden: int, depth: int, n_out: int = 10, dropout: float = 0.0):
+    def __init__(self, n_in: int, n_tasks: int, hidden: int, depth: int, n_out: int = 10, dropout: float = 0.0,
+                 task_input: bool = True):
         super().__init__()
         if depth < 1:
             raise ValueError(f"model.depth must be >= 1, got {depth}")
-        self.task_embed = nn.Embedding(n_tasks, hidden)
+        # Without the task input, only the masks tell the tasks apart.
+        self.task_embed = nn.Embedding(n_tasks, hidden) if task_input else None
         self.inp = nn.Linear(n_in, hidden)
         self.body = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.head = nn.Linear(hidden, n_out)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.inp(x) + self.task_embed(task))  # (B, hidden)
+        h = self.inp(x)  # (B, hidden)
+        if self.task_embed is not None:
+            h = h + self.task_embed(task)
+        h = torch.relu(h)
         for layer in self.body:
             h = torch.relu(layer(self.drop(h)))
         return self.head(self.drop(h))  # (B, n_out)

@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict | None:
     smoke = bool(cfg.smoke)  # smoke: 300 images, a 64-unit model
     data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if smoke else None)
     model = MultiTaskMLP(64, len(tasks), 64 if smoke else cfg.model.hidden, cfg.model.depth,
-                         dropout=cfg.model.dropout).to(device)
+                         dropout=cfg.model.dropout, task_input=cfg.model.task_input).to(device)
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
     masks = masking.masks
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))

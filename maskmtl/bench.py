@@ -1,0 +1,153 @@
+"""Benchmarks of the core on a generic causal transformer (no recipe imports).
+
+Run through ``python tools/bench.py masked-step`` / ``mask-update``. Dense and masked steps are
+measured interleaved in the same process, so the ratio holds up on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .apply import MaskedAdamW, MaskedModel
+from .initializers import ERKInitializer
+from .masks import MaskSet
+from .schedulers import ConstantScheduler
+from .scorers import FisherScorer
+from .targets import select_targets
+from .update import MaskUpdater
+
+
+class CausalTransformer(nn.Module):
+    """x [B, T, d_in] -> y [B, T, d_out]; a GPT-style pre-norm encoder with a causal mask."""
+
+    def __init__(self, d_in: int = 43, d_out: int = 4, d_model: int = 128, n_layer: int = 6, n_head: int = 8,
+                 dropout: float = 0.1, max_len: int = 128):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_head, 4 * d_model, dropout, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.out = nn.Linear(d_model, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = self.inp(x) + self.pos(torch.arange(t, device=x.device))  # (B, T, d)
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        return self.out(self.body(h, mask=causal, is_causal=True))  # (B, T, d_out)
+
+
+def _setup(d_model, n_layer, n_tasks, density, seed):
+    torch.manual_seed(seed)
+    model = CausalTransformer(d_model=d_model, n_layer=n_layer)
+    targets = select_targets(model, r".*weight", exclude=r".*norm.*")
+    shapes = {t.name: t.shape for t in targets}
+    masks = MaskSet(ERKInitializer(density).init_masks(shapes, n_tasks, torch.Generator().manual_seed(seed)),
+                    [f"task{i}" for i in range(n_tasks)])
+    return model, masks
+
+
+def _loss(forward, task, batch):
+    x, y = batch
+    return (forward(x) - y).square().mean()
+
+
+def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, n_tasks: int = 10,
+                density: float = 0.8, reps: int = 15, rounds: int = 4, threads: int | None = None, seed: int = 0) -> dict:
+    """Median time of one training step (forward, backward, optimizer), masked vs dense.
+
+    Dense: the plain module and ``torch.optim.AdamW``. Masked: ``MaskedModel`` (θ⊙M through
+    functional_call) and ``MaskedAdamW`` with a different task's mask each step.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    model, masks = _setup(d_model, n_layer, n_tasks, density, seed)
+    dense_model, _ = _setup(d_model, n_layer, n_tasks, density, seed)
+    mm = MaskedModel(model, masks)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4)
+    dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(batch, seq, 43, generator=g), torch.randn(batch, seq, 4, generator=g)) for _ in range(8)]
+
+    def dense_step(i):
+        dense_opt.zero_grad(set_to_none=True)
+        _loss(dense_model, 0, data[i % 8]).backward()
+        dense_opt.step()
+
+    def masked(i):
+        task = i % n_tasks
+        opt.zero_grad(set_to_none=True)
+        _loss(mm.bind(task), task, data[i % 8]).backward()
+        opt.step(group=task)
+
+    times = {"dense": [], "masked": []}
+    for fn in (dense_step, masked):  # warm-up
+        for i in range(5):
+            fn(i)
+    for r in range(rounds):  # interleave blocks so that machine noise hits both alike
+        for name, fn in (("dense", dense_step), ("masked", masked)) if r % 2 == 0 else (("masked", masked), ("dense", dense_step)):
+            for i in range(reps):
+                t0 = time.perf_counter()
+                fn(i)
+                times[name].append(time.perf_counter() - t0)
+    d, m = statistics.median(times["dense"]), statistics.median(times["masked"])
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "maskable": masks.numel(),
+        "tasks": n_tasks,
+        "batch": batch,
+        "seq": seq,
+        "threads": torch.get_num_threads(),
+        "dense_step_ms": 1000 * d,
+        "masked_step_ms": 1000 * m,
+        "ratio": m / d,
+        "target_ratio": 1.05,
+    }
+
+
+def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, n_tasks: int = 10,
+                grad_batches: int = 1, alpha: int = 100, update_every: int = 5000, density: float = 0.8,
+                recovery: str = "dense", reps: int = 20, threads: int | None = None, seed: int = 0) -> dict:
+    """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
+    masked training step, and amortised over ``update_every`` steps as a % of training time."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, masks = _setup(d_model, n_layer, n_tasks, density, seed)
+    mm = MaskedModel(model, masks)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(batch, seq, 43, generator=g), torch.randn(batch, seq, 4, generator=g)) for _ in range(4)]
+    upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery)
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        _loss(mm.bind(i % n_tasks), i % n_tasks, data[i % 4]).backward()
+        opt.step(group=i % n_tasks)
+
+    for i in range(5):
+        step(i)
+    step_times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        step(i)
+        step_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    metrics = upd.update(update_every, model, masks, _loss, lambda t: data[:grad_batches], optimizer=opt)
+    t_update = time.perf_counter() - t0
+    s = statistics.median(step_times)
+    return {
+        "tasks": n_tasks,
+        "grad_batches": grad_batches,
+        "recovery_gradient": recovery,
+        "maskable": masks.numel(),
+        "step_ms": 1000 * s,
+        "update_s": t_update,
+        "update_gradients_s": metrics["time/mask_gradients_s"],
+        "update_in_steps": t_update / s,
+        "amortised_pct": 100 * t_update / (update_every * s + t_update),
+        "update_every": update_every,
+        "target_pct": 2.0,
+    }

@@ -1,0 +1,136 @@
+"""Prompt Decision Transformer (Prompt-DT) backbone, written for this project.
+
+A GPT-2 style causal transformer over interleaved tokens. Each step t of a trajectory gives three
+tokens in the order (return-to-go R_t, state s_t, action a_t), so a context of K steps is 3K
+tokens; the trajectory prompt (K* steps of the same task, embedded by its own layers) is
+prepended. The action a_t is predicted from the hidden state at the s_t token, which (causally)
+sees R_≤t, s_≤t and a_<t and the whole prompt.
+
+Defaults follow the papers' table (spec §8): 6 layers, 8 heads, ReLU MLPs, dropout 0.1, K = 20,
+K* = 5. Note the spec's "embedding 256 ≈ 1.47 M parameters" does not add up: d = 128 gives
+≈ 1.46 M (the papers' count), d = 256 gives ≈ 5.3 M (the published code's default); ``d_model``
+is a config value.
+
+Attention is written out (no fused kernel) so that ``torch.func.vmap`` can batch one forward over
+per-task masked parameters on CPU, where scaled_dot_product_attention has no batching rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"model.d_model={d_model} must be divisible by model.n_head={n_head}")
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.attn_drop = nn.Dropout(dropout)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, d); allowed: (B, 1, L, L) bool, True where query i may attend to key j
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.reshape(b, n, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, L, L)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = self.attn_drop(att) @ v  # (B, nh, L, hs)
+        y = y.transpose(1, 2).reshape(b, n, d)  # (B, L, d)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.ReLU(), nn.Linear(4 * d_model, d_model),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.mlp(self.ln2(x))
+
+
+class TokenEmbedding(nn.Module):
+    """(R, s, a, t) of K steps -> 3K interleaved tokens (B, 3K, d)."""
+
+    def __init__(self, state_dim: int, act_dim: int, d_model: int, max_ep_len: int):
+        super().__init__()
+        self.timestep = nn.Embedding(max_ep_len, d_model)
+        self.ret = nn.Linear(1, d_model)
+        self.state = nn.Linear(state_dim, d_model)
+        self.action = nn.Linear(act_dim, d_model)
+
+    def forward(self, states, actions, rtg, timesteps) -> torch.Tensor:
+        # states (B, K, S), actions (B, K, A), rtg (B, K, 1), timesteps (B, K) long
+        time = self.timestep(timesteps)  # (B, K, d)
+        tokens = torch.stack([self.ret(rtg) + time, self.state(states) + time, self.action(actions) + time], dim=2)
+        return tokens.reshape(states.shape[0], 3 * states.shape[1], -1)  # (B, 3K, d): R_1 s_1 a_1 R_2 ...
+
+
+class PromptDT(nn.Module):
+    """Prompt Decision Transformer.
+
+    Args:
+        state_dim, act_dim: observation and action sizes (Meta-World: 39, 4).
+        d_model, n_layer, n_head, dropout: transformer size.
+        max_ep_len: episode length bound for the timestep embedding (Meta-World: 500).
+        use_prompt: prepend the trajectory prompt (Prompt-DT, HarmoDT).
+        n_tasks: > 0 adds a task-id embedding to the state tokens (MTDT); 0 disables it.
+    """
+
+    def __init__(self, state_dim: int, act_dim: int, d_model: int = 128, n_layer: int = 6, n_head: int = 8,
+                 dropout: float = 0.1, max_ep_len: int = 500, use_prompt: bool = True, n_tasks: int = 0):
+        super().__init__()
+        self.embed = TokenEmbedding(state_dim, act_dim, d_model, max_ep_len)
+        self.prompt_embed = TokenEmbedding(state_dim, act_dim, d_model, max_ep_len) if use_prompt else None
+        self.task_embed = nn.Embedding(n_tasks, d_model) if n_tasks > 0 else None
+        self.embed_ln = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.predict_action = nn.Sequential(nn.Linear(d_model, act_dim), nn.Tanh())
+
+    def forward(self, states, actions, rtg, timesteps, mask, prompt=None, task=None) -> torch.Tensor:
+        """Predict actions.
+
+        Shapes: ``states`` (B, K, S), ``actions`` (B, K, A), ``rtg`` (B, K, 1), ``timesteps``
+        (B, K) long, ``mask`` (B, K) bool (False = padding, left-padded). ``prompt``: a tuple
+        (states (B, K*, S), actions (B, K*, A), rtg (B, K*, 1), timesteps (B, K*), mask (B, K*)).
+        ``task``: (B,) long, required when the model has a task embedding.
+        Returns: predicted actions (B, K, A).
+        """
+        b, k = states.shape[:2]
+        x = self.embed(states, actions, rtg, timesteps)  # (B, 3K, d)
+        if self.task_embed is not None:
+            if task is None:
+                raise ValueError("this model has a task-id embedding (MTDT): pass task")
+            x = x.reshape(b, k, 3, -1)
+            x[:, :, 1] = x[:, :, 1] + self.task_embed(task)[:, None]  # task id on the state tokens
+            x = x.reshape(b, 3 * k, -1)
+        keep = mask.repeat_interleave(3, dim=1)  # (B, 3K)
+        if self.prompt_embed is not None:
+            if prompt is None:
+                raise ValueError("this model uses a trajectory prompt: pass prompt")
+            p_states, p_actions, p_rtg, p_t, p_mask = prompt
+            x = torch.cat([self.prompt_embed(p_states, p_actions, p_rtg, p_t), x], dim=1)  # (B, 3K*+3K, d)
+            keep = torch.cat([p_mask.repeat_interleave(3, dim=1), keep], dim=1)
+        n = x.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        # Padding keys are never attended; a padding query still sees itself (no all -inf rows).
+        allowed = (causal & keep[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device)  # (B, L, L)
+        h = self.drop(self.embed_ln(x))
+        for block in self.blocks:
+            h = block(h, allowed[:, None])
+        h = self.ln_f(h)[:, -3 * k:].reshape(b, k, 3, -1)  # (B, K, 3, d): this trajectory's tokens
+        return self.predict_action(h[:, :, 1])  # from the s_t tokens: (B, K, A)

@@ -1,0 +1,103 @@
+"""Recipe ``make_data`` and :func:`ensure_dataset`, the one call other recipes need for their data.
+
+    python tools/run.py recipe=make_data data=mt10_near     # generate, validate, print figures
+    python tools/run.py recipe=make_data data=mt10_sub data.workers=4
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig
+
+from maskmtl.config import ConfigError
+from maskmtl.outputs import write_json
+from recipes.metaworld.generate import GenerationSpec, generate_dataset
+from recipes.metaworld.storage import OfflineDataset, is_complete, load_dataset, task_paths
+from recipes.metaworld.tasksets import UnknownTaskError, resolve_tasks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_root(root: str | Path) -> Path:
+    """``data_root`` from the config; a relative path is taken under the repository, not the CWD."""
+    root = Path(root).expanduser()
+    return root if root.is_absolute() else REPO_ROOT / root
+
+
+def _data_node(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = cfg.get("data")
+    if not data or "composition" not in data:
+        raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
+    return data
+
+
+def dataset_tasks(data: Mapping[str, Any]) -> list[str]:
+    try:
+        return resolve_tasks(data.get("taskset"), data.get("tasks"))
+    except UnknownTaskError as e:
+        raise ConfigError(f"data.taskset / data.tasks: {e}") from e
+
+
+def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
+    """Where the dataset described by the ``data`` node lives: ``<root>/metaworld/<spec dirname>``."""
+    try:
+        spec = GenerationSpec.from_config(data)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    return data_root(root) / "metaworld" / spec.dirname()
+
+
+def ensure_dataset(cfg: Mapping[str, Any], tasks: Sequence[str] | None = None,
+                   progress: bool = True) -> OfflineDataset:
+    """The dataset of ``cfg.data`` for ``tasks`` (default: the data node's task set): tasks not yet on
+    disk are generated (cached for later runs), then every task is loaded and validated."""
+    data = _data_node(cfg)
+    spec = GenerationSpec.from_config(data)
+    tasks = list(tasks) if tasks is not None else dataset_tasks(data)
+    directory = dataset_dir(data, cfg.get("data_root", "data"))
+    if not all(is_complete(directory, t) for t in tasks):
+        generate_dataset(spec, tasks, directory, workers=int(data.get("workers", 1)),
+                         checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress)
+    return load_dataset(directory, tasks)
+
+
+def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
+    """Transitions, episodes, success rate, mean return per task, and bytes on disk."""
+    per_task, size = {}, 0
+    for t in dataset.tasks:
+        d = dataset[t]
+        size += sum(p.stat().st_size for p in task_paths(directory, t))
+        per_task[t] = {"transitions": d.n_transitions, "episodes": d.n_episodes,
+                       "success_rate": float(d.success.mean()) if d.success is not None else float("nan"),
+                       "return_mean": float(d.episode_returns().mean())}
+    n = len(per_task)
+    return {"directory": str(directory), "tasks": list(dataset.tasks), "bytes_on_disk": size,
+            "transitions_per_task": sorted({v["transitions"] for v in per_task.values()}),
+            "success_rate": sum(v["success_rate"] for v in per_task.values()) / n,
+            "return_mean": sum(v["return_mean"] for v in per_task.values()) / n,
+            "per_task": per_task}
+
+
+def run(cfg: DictConfig) -> dict:
+    from recipes.common import print_table, run_dir
+
+    t0 = time.perf_counter()
+    data = _data_node(cfg)
+    directory = dataset_dir(data, cfg.data_root)
+    tasks = dataset_tasks(data)
+    already = [t for t in tasks if is_complete(directory, t)]
+    print(f"{data.composition} data for {len(tasks)} tasks in {directory} ({len(already)} already there)")
+    dataset = ensure_dataset(cfg, tasks)
+    summary = summarise(dataset, directory)
+    summary.update({"composition": str(data.composition), "seconds": time.perf_counter() - t0,
+                    "tasks_reused": already, "spec": GenerationSpec.from_config(data).key()})
+    print_table(f"{data.composition}: {directory.name}",
+                {t: {k: float(v[k]) for k in ("success_rate", "return_mean", "episodes")}
+                 for t, v in summary["per_task"].items()})
+    print(f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, {summary['seconds']:.0f} s, "
+          f"mean success {summary['success_rate']:.3f}")
+    write_json(run_dir() / "data_summary.json", summary)
+    return summary

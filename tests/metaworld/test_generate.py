@@ -1,0 +1,152 @@
+"""Generation with the real simulator: small episodes so the whole file runs in seconds."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+
+from recipes.metaworld import generate as gen  # noqa: E402
+from recipes.metaworld.generate import Curriculum, GenerationSpec, generate_dataset  # noqa: E402
+from recipes.metaworld.storage import load_dataset, read_sidecar, task_paths  # noqa: E402
+
+TASKS = ["reach-v3", "drawer-close-v3"]
+# 6 episodes of 60 steps per task in the full schedule
+SPEC = GenerationSpec(composition="near_optimal", transitions_per_task=360, episode_length=60, seed=3)
+
+
+def test_curriculum_levels():
+    c = Curriculum()
+    assert c.levels(0, 100, "easy") == {"phase": "random", "eps": 1.0, "offset_std": 0.0, "noise_std": 0.0}
+    mid = c.levels(50, 100, "very_hard")  # f = 0.5, g = (0.5 - 0.05) / (0.6 - 0.05)
+    g = 0.45 / 0.55
+    assert mid["phase"] == "learning"
+    assert mid["eps"] == pytest.approx(0.9 * (1 - g) ** 1.5)
+    assert mid["offset_std"] == pytest.approx(0.1 * (1 - g))
+    assert mid["noise_std"] == pytest.approx(0.1 + 0.5 * (1 - g))
+    assert c.levels(5, 100, "easy")["eps"] == pytest.approx(0.9)  # start of the learning phase
+    assert c.levels(30, 100, "easy") == {"phase": "expert", "eps": 0.0, "offset_std": 0.0, "noise_std": 0.1}
+    assert c.levels(30, 100, "hard")["phase"] == "learning"
+
+
+def test_spec_checks():
+    assert SPEC.schedule_episodes == 6 and SPEC.n_episodes == 6
+    sub = GenerationSpec(composition="sub_optimal", transitions_per_task=360, episode_length=60, seed=3)
+    assert sub.n_episodes == 3 and sub.dirname() != SPEC.dirname()
+    with pytest.raises(ValueError, match="data.transitions_per_task=350 must be a multiple"):
+        GenerationSpec(transitions_per_task=350, episode_length=60)
+    with pytest.raises(ValueError, match="data.composition='expert'"):
+        GenerationSpec(composition="expert")
+
+
+def test_make_env_random_goal_visible():
+    env = gen.make_env("reach-v3", 0)
+    o1, _ = env.reset()
+    o2, _ = env.reset()
+    assert o1.shape == (39,) and np.any(o1[36:39] != 0)   # goal visible
+    assert np.any(o1[36:39] != o2[36:39])                  # a new goal per reset
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    summaries = generate_dataset(SPEC, TASKS, d, workers=1, checkpoint_every=2, progress=False)
+    return d, summaries
+
+
+def test_generates_two_tasks(generated):
+    d, summaries = generated
+    assert [s["task"] for s in summaries] == TASKS and not any(s["skipped"] for s in summaries)
+    ds = load_dataset(d, TASKS)
+    for t in TASKS:
+        data = ds[t]
+        assert data.observations.shape == (360, 39) and data.actions.shape == (360, 4)
+        np.testing.assert_array_equal(data.episode_starts, np.arange(0, 361, 60))
+        assert np.abs(data.actions).max() <= 1.0
+        assert data.success.dtype == bool and data.success.shape == (6,)
+        # goal (obs[36:39]) is constant within an episode and differs between episodes
+        goals = data.observations[data.episode_starts[:-1], 36:39]
+        assert len(np.unique(goals, axis=0)) == 6
+        prov = read_sidecar(d, t)["provenance"]
+        assert prov["spec"] == SPEC.key() and prov["versions"]["metaworld"].startswith("3.")
+        assert prov["episode_phase"][0] == "random" and prov["episode_phase"][-1] == "expert"
+        assert len(read_sidecar(d, t)["stats"]["episode_success"]) == 6
+    assert json.loads((d / "generation.json").read_text()) == SPEC.key()
+    assert not list((d / ".partial").glob("*.npz")) if (d / ".partial").exists() else True
+
+
+def test_rerun_skips_complete_tasks(generated):
+    d, _ = generated
+    before = {t: task_paths(d, t)[0].stat().st_mtime_ns for t in TASKS}
+    again = generate_dataset(SPEC, TASKS, d, workers=1, progress=False)
+    assert all(s["skipped"] for s in again)
+    assert before == {t: task_paths(d, t)[0].stat().st_mtime_ns for t in TASKS}
+
+
+def test_deterministic_and_independent_of_task_set(generated, tmp_path):
+    d, _ = generated
+    generate_dataset(SPEC, ["drawer-close-v3"], tmp_path, progress=False)  # alone, not after reach
+    a, b = load_dataset(d, ["drawer-close-v3"]), load_dataset(tmp_path, ["drawer-close-v3"])
+    np.testing.assert_array_equal(a["drawer-close-v3"].observations, b["drawer-close-v3"].observations)
+    np.testing.assert_array_equal(a["drawer-close-v3"].actions, b["drawer-close-v3"].actions)
+
+
+def test_sub_optimal_is_prefix_of_near_optimal(generated, tmp_path):
+    d, _ = generated
+    sub = GenerationSpec(composition="sub_optimal", transitions_per_task=360, episode_length=60, seed=3)
+    generate_dataset(sub, ["reach-v3"], tmp_path, progress=False)
+    s, n = load_dataset(tmp_path, ["reach-v3"])["reach-v3"], load_dataset(d, ["reach-v3"])["reach-v3"]
+    assert s.n_episodes == 3
+    h = n.head(3)
+    for key in ("observations", "actions", "rewards", "episode_starts", "success"):
+        np.testing.assert_array_equal(getattr(s, key), getattr(h, key))
+
+
+def test_interrupted_run_resumes_without_duplicates(generated, tmp_path, monkeypatch):
+    d, _ = generated
+    calls = {"n": 0}
+    real = gen.run_episode
+
+    def crashing(*args, **kwargs):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "run_episode", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=1, progress=False)
+    assert (tmp_path / ".partial" / "reach-v3.npz").exists() and not task_paths(tmp_path, "reach-v3")[1].exists()
+
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "run_episode", counting)
+    generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=1, progress=False)
+    assert counted["n"] == 3  # only the 3 missing episodes were played
+    resumed, clean = load_dataset(tmp_path, ["reach-v3"])["reach-v3"], load_dataset(d, ["reach-v3"])["reach-v3"]
+    assert resumed.n_episodes == 6 and read_sidecar(tmp_path, "reach-v3")["provenance"]["resumed_from_episode"] == 3
+    for key in ("observations", "actions", "rewards", "episode_starts", "success"):
+        np.testing.assert_array_equal(getattr(resumed, key), getattr(clean, key))
+    assert not (tmp_path / ".partial" / "reach-v3.npz").exists()
+
+
+def test_foreign_generation_folder_refused(generated):
+    d, _ = generated
+    other = GenerationSpec(composition="near_optimal", transitions_per_task=360, episode_length=60, seed=4)
+    with pytest.raises(Exception, match="another generation config"):
+        generate_dataset(other, TASKS, d, progress=False)
+
+
+@pytest.mark.slow
+def test_parallel_matches_serial(generated, tmp_path):
+    d, _ = generated
+    summaries = generate_dataset(SPEC, TASKS, tmp_path, workers=2, progress=False)
+    assert [s["task"] for s in summaries] == TASKS
+    a, b = load_dataset(d, TASKS), load_dataset(tmp_path, TASKS)
+    for t in TASKS:
+        np.testing.assert_array_equal(a[t].observations, b[t].observations)

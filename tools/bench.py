@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BENCHMARKS = {
     "masked-step": "maskmtl.bench:masked_step",
     "mask-update": "maskmtl.bench:mask_update",
+    "sampler": "recipes.metaworld.bench:sampler",
 }
 
 

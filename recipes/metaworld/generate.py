@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -197,53 +198,59 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def _partial_path(directory: Path, task: str) -> Path:
-    return directory / ".partial" / f"{task}.npz"
+def _partial_dir(directory: Path, task: str) -> Path:
+    return directory / ".partial" / task
 
 
-def _save_partial(path: Path, spec: GenerationSpec, episodes: list[dict]) -> None:
-    """Checkpoint of the episodes done so far (uncompressed, atomic); the spec key guards reuse."""
+def _save_chunk(folder: Path, spec: GenerationSpec, first: int, episodes: list[dict]) -> None:
+    """Checkpoint episodes ``first ..`` as one chunk file (atomic); the spec key guards reuse.
+
+    Chunks hold only new episodes, so checkpointing costs O(episodes) in total."""
     buf = io.BytesIO()
-    np.savez(buf, key=np.array(json.dumps(spec.key(), sort_keys=True)),
+    np.savez(buf, key=np.array(json.dumps(spec.key(), sort_keys=True)), first=np.int64(first),
              observations=np.concatenate([e["observations"] for e in episodes]),
              actions=np.concatenate([e["actions"] for e in episodes]),
              rewards=np.concatenate([e["rewards"] for e in episodes]),
              lengths=np.array([len(e["rewards"]) for e in episodes], np.int64),
              success=np.array([e["success"] for e in episodes], bool))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(folder / f"chunk_{first:07d}.npz", buf.getvalue())
 
 
-def _load_partial(path: Path, spec: GenerationSpec) -> list[dict]:
-    """Episodes of an interrupted run of the same spec; an unreadable or foreign checkpoint is ignored."""
-    if not path.exists():
-        return []
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != json.dumps(spec.key(), sort_keys=True):
-                return []
-            bounds = np.concatenate([[0], np.cumsum(f["lengths"])])
-            obs, act, rew, suc = f["observations"], f["actions"], f["rewards"], f["success"]
-    except (OSError, ValueError, KeyError, EOFError):
-        return []
-    return [{"observations": obs[a:b], "actions": act[a:b], "rewards": rew[a:b], "success": bool(s)}
-            for a, b, s in zip(bounds[:-1], bounds[1:], suc)]
+def _load_partial(folder: Path, spec: GenerationSpec) -> list[dict]:
+    """Episodes 0.. of an interrupted run of the same spec, read from consecutive chunks; reading
+    stops at the first chunk that is unreadable, foreign or not contiguous (it will be redone)."""
+    episodes: list[dict] = []
+    key = json.dumps(spec.key(), sort_keys=True)
+    for chunk in sorted(folder.glob("chunk_*.npz")) if folder.exists() else []:
+        try:
+            with np.load(chunk, allow_pickle=False) as f:
+                if str(f["key"]) != key or int(f["first"]) != len(episodes):
+                    break
+                bounds = np.concatenate([[0], np.cumsum(f["lengths"])])
+                obs, act, rew, suc = f["observations"], f["actions"], f["rewards"], f["success"]
+        except (OSError, ValueError, KeyError, EOFError):
+            break
+        episodes += [{"observations": obs[a:b], "actions": act[a:b], "rewards": rew[a:b], "success": bool(x)}
+                     for a, b, x in zip(bounds[:-1], bounds[1:], suc)]
+    return episodes
 
 
 def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkpoint_every: int = 10,
                   on_episode: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate (or finish) one task's file in ``directory``; returns a summary.
 
-    Every ``checkpoint_every`` episodes the episodes so far are saved to ``.partial/<task>.npz``; an
-    interrupted run resumes from there, so no episode is generated twice or stored twice.
+    Every ``checkpoint_every`` episodes the new episodes are saved as a chunk under
+    ``.partial/<task>/``; an interrupted run resumes after the last chunk, so no episode is stored
+    twice and at most ``checkpoint_every`` episodes are played again.
     """
     directory = Path(directory)
     task = canonical_task(task)
     if is_complete(directory, task):
         return {"task": task, "skipped": True}
     t0 = time.perf_counter()
-    partial = _partial_path(directory, task)
+    partial = _partial_dir(directory, task)
     episodes = _load_partial(partial, spec)[:spec.n_episodes]
-    resumed_from = len(episodes)
+    resumed_from = saved = len(episodes)
     difficulty = DIFFICULTY[task]
     schedule = [spec.curriculum.levels(i, spec.schedule_episodes, difficulty) for i in range(spec.n_episodes)]
     env, expert = make_env(task, spec.seed), make_expert(task)
@@ -254,7 +261,8 @@ def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkp
             if on_episode is not None:
                 on_episode(task)
             if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < spec.n_episodes:
-                _save_partial(partial, spec, episodes)
+                _save_chunk(partial, spec, saved, episodes[saved:])
+                saved = i + 1
     env.close()
     provenance = {
         "generator": "recipes.metaworld.generate", "spec": spec.key(), "task": task, "difficulty": difficulty,
@@ -269,7 +277,7 @@ def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkp
     data = TaskData.from_episodes(task, episodes, [e["success"] for e in episodes], provenance)
     save_task(directory, data)
     if partial.exists():
-        partial.unlink()
+        shutil.rmtree(partial)
     return {"task": task, "skipped": False, "seconds": time.perf_counter() - t0, "episodes": data.n_episodes,
             "success_rate": float(data.success.mean()), "return_mean": float(data.episode_returns().mean())}
 
@@ -354,7 +362,7 @@ def generate_dataset(spec: GenerationSpec, tasks: Sequence[str], directory: str 
     summaries = [{"task": t, "skipped": True} for t in tasks if t not in pending]
     if not pending:
         return summaries
-    done_before = {t: len(_load_partial(_partial_path(directory, t), spec)) for t in pending}
+    done_before = {t: len(_load_partial(_partial_dir(directory, t), spec)) for t in pending}
     total = sum(spec.n_episodes - min(done_before[t], spec.n_episodes) for t in pending)
     label = f"{spec.composition} {len(pending)} tasks"
     with _EpisodeProgress(total, label, enabled=progress) as bar:

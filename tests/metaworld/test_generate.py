@@ -73,7 +73,7 @@ def test_generates_two_tasks(generated):
         assert prov["episode_phase"][0] == "random" and prov["episode_phase"][-1] == "expert"
         assert len(read_sidecar(d, t)["stats"]["episode_success"]) == 6
     assert json.loads((d / "generation.json").read_text()) == SPEC.key()
-    assert not list((d / ".partial").glob("*.npz")) if (d / ".partial").exists() else True
+    assert not list(d.glob(".partial/*/*.npz"))  # checkpoints of finished tasks are removed
 
 
 def test_rerun_skips_complete_tasks(generated):
@@ -103,7 +103,9 @@ def test_sub_optimal_is_prefix_of_near_optimal(generated, tmp_path):
         np.testing.assert_array_equal(getattr(s, key), getattr(h, key))
 
 
-def test_interrupted_run_resumes_without_duplicates(generated, tmp_path, monkeypatch):
+@pytest.mark.parametrize("every, chunks, replayed", [(1, 3, 3), (2, 1, 4)])
+def test_interrupted_run_resumes_without_duplicates(generated, tmp_path, monkeypatch, every, chunks, replayed):
+    """Crash during episode 3 of 6; checkpoints every ``every`` episodes keep ``chunks`` chunk files."""
     d, _ = generated
     calls = {"n": 0}
     real = gen.run_episode
@@ -116,8 +118,9 @@ def test_interrupted_run_resumes_without_duplicates(generated, tmp_path, monkeyp
 
     monkeypatch.setattr(gen, "run_episode", crashing)
     with pytest.raises(KeyboardInterrupt):
-        generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=1, progress=False)
-    assert (tmp_path / ".partial" / "reach-v3.npz").exists() and not task_paths(tmp_path, "reach-v3")[1].exists()
+        generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=every, progress=False)
+    assert len(list((tmp_path / ".partial" / "reach-v3").glob("chunk_*.npz"))) == chunks
+    assert not task_paths(tmp_path, "reach-v3")[1].exists()
 
     counted = {"n": 0}
 
@@ -126,13 +129,13 @@ def test_interrupted_run_resumes_without_duplicates(generated, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gen, "run_episode", counting)
-    generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=1, progress=False)
-    assert counted["n"] == 3  # only the 3 missing episodes were played
+    generate_dataset(SPEC, ["reach-v3"], tmp_path, checkpoint_every=every, progress=False)
+    assert counted["n"] == replayed  # only episodes not in a checkpoint are played again
     resumed, clean = load_dataset(tmp_path, ["reach-v3"])["reach-v3"], load_dataset(d, ["reach-v3"])["reach-v3"]
-    assert resumed.n_episodes == 6 and read_sidecar(tmp_path, "reach-v3")["provenance"]["resumed_from_episode"] == 3
+    assert resumed.n_episodes == 6 and read_sidecar(tmp_path, "reach-v3")["provenance"]["resumed_from_episode"] == 6 - replayed
     for key in ("observations", "actions", "rewards", "episode_starts", "success"):
         np.testing.assert_array_equal(getattr(resumed, key), getattr(clean, key))
-    assert not (tmp_path / ".partial" / "reach-v3.npz").exists()
+    assert not (tmp_path / ".partial" / "reach-v3").exists()
 
 
 def test_foreign_generation_folder_refused(generated):

@@ -2,6 +2,7 @@
 
     python tools/run.py recipe=make_data data=mt10_near     # generate, validate, print figures
     python tools/run.py recipe=make_data data=mt10_sub data.workers=4
+    python tools/run.py recipe=make_data debug=smoke       # two tasks, four short episodes each
 """
 
 from __future__ import annotations
@@ -50,14 +51,27 @@ def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
     return data_root(root) / "metaworld" / spec.dirname()
 
 
-def ensure_dataset(cfg: Mapping[str, Any], tasks: Sequence[str] | None = None,
+def smoke_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a ``data`` node shrunk for ``debug=smoke``: its first two tasks, 4 episodes of 50
+    steps each (2 for sub_optimal), one held out per task, generated in one process."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(data, resolve=True) if not isinstance(data, dict) else dict(data)
+    node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1)
+    node["sampling"] = {**dict(node.get("sampling") or {}), "heldout_episodes": 1}
+    return node
+
+
+def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Sequence[str] | None = None,
                    progress: bool = True) -> OfflineDataset:
-    """The dataset of ``cfg.data`` for ``tasks`` (default: the data node's task set): tasks not yet on
-    disk are generated (cached for later runs), then every task is loaded and validated."""
-    data = _data_node(cfg)
+    """The dataset described by the ``data`` config node under ``root`` (the ``data_root`` key), for
+    ``tasks`` (default: the node's task set). Tasks not yet on disk are generated (and cached for
+    later runs); then every task is loaded and validated."""
+    if not data or "composition" not in data:
+        raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
     spec = GenerationSpec.from_config(data)
     tasks = list(tasks) if tasks is not None else dataset_tasks(data)
-    directory = dataset_dir(data, cfg.get("data_root", "data"))
+    directory = dataset_dir(data, root)
     if not all(is_complete(directory, t) for t in tasks):
         generate_dataset(spec, tasks, directory, workers=int(data.get("workers", 1)),
                          checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress)
@@ -86,15 +100,18 @@ def run(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     data = _data_node(cfg)
+    if cfg.smoke:
+        data = smoke_data(data)
+        print(f"smoke: generating only {data['tasks']} with {data['transitions_per_task']} transitions each")
     directory = dataset_dir(data, cfg.data_root)
     tasks = dataset_tasks(data)
     already = [t for t in tasks if is_complete(directory, t)]
-    print(f"{data.composition} data for {len(tasks)} tasks in {directory} ({len(already)} already there)")
-    dataset = ensure_dataset(cfg, tasks)
+    print(f"{data['composition']} data for {len(tasks)} tasks in {directory} ({len(already)} already there)")
+    dataset = ensure_dataset(data, cfg.data_root, tasks)
     summary = summarise(dataset, directory)
-    summary.update({"composition": str(data.composition), "seconds": time.perf_counter() - t0,
+    summary.update({"composition": str(data["composition"]), "seconds": time.perf_counter() - t0,
                     "tasks_reused": already, "spec": GenerationSpec.from_config(data).key()})
-    print_table(f"{data.composition}: {directory.name}",
+    print_table(f"{data['composition']}: {directory.name}",
                 {t: {k: float(v[k]) for k in ("success_rate", "return_mean", "episodes")}
                  for t, v in summary["per_task"].items()})
     print(f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, {summary['seconds']:.0f} s, "

@@ -51,16 +51,15 @@ def test_digits_unchanged_without_data():
 
 @pytest.mark.slow
 def test_make_data_recipe_end_to_end(tmp_path):
-    """``tools/run.py recipe=make_data`` generates, then a rerun reuses the data."""
+    """``tools/run.py recipe=make_data debug=smoke`` generates two small tasks, then a rerun reuses them."""
     pytest.importorskip("metaworld")
-    args = [sys.executable, str(REPO / "tools" / "run.py"), "recipe=make_data", "data.tasks=[reach-v3,push-v3]",
-            "data.transitions_per_task=200", "data.episode_length=50", "data.workers=1",
+    args = [sys.executable, str(REPO / "tools" / "run.py"), "recipe=make_data", "debug=smoke",
             f"data_root={tmp_path / 'data'}"]
     for run in ("first", "second"):
         out = subprocess.run(args + [f"hydra.run.dir={tmp_path / run}"], capture_output=True, text=True, cwd=REPO,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((tmp_path / run / "data_summary.json").read_text())
-        assert summary["tasks"] == ["reach-v3", "push-v3"] and summary["transitions_per_task"] == [200]
+        assert summary["tasks"] == ["basketball-v3", "bin-picking-v3"] and summary["transitions_per_task"] == [200]
         assert summary["bytes_on_disk"] > 0 and 0.0 <= summary["success_rate"] <= 1.0
-    assert summary["tasks_reused"] == ["reach-v3", "push-v3"]
+    assert summary["tasks_reused"] == ["basketball-v3", "bin-picking-v3"]

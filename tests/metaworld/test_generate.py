@@ -153,3 +153,21 @@ def test_parallel_matches_serial(generated, tmp_path):
     a, b = load_dataset(d, TASKS), load_dataset(tmp_path, TASKS)
     for t in TASKS:
         np.testing.assert_array_equal(a[t].observations, b[t].observations)
+
+
+def test_ensure_dataset_generates_once(tmp_path, monkeypatch):
+    from recipes.metaworld import make_data
+
+    data = {"taskset": "MT5", "tasks": ["reach-v3"], "composition": "sub_optimal", "transitions_per_task": 200,
+            "episode_length": 50, "seed": 0, "workers": 1}
+    ds = make_data.ensure_dataset(data, tmp_path, progress=False)
+    assert ds.tasks == ["reach-v3"] and ds["reach-v3"].n_episodes == 2
+
+    def no_generation(*a, **k):
+        raise AssertionError("complete data must be loaded, not generated")
+
+    monkeypatch.setattr(make_data, "generate_dataset", no_generation)
+    again = make_data.ensure_dataset(data, tmp_path, progress=False)
+    np.testing.assert_array_equal(again["reach-v3"].observations, ds["reach-v3"].observations)
+    with pytest.raises(Exception, match="no Meta-World data chosen"):
+        make_data.ensure_dataset({}, tmp_path)

@@ -275,9 +275,13 @@ def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkp
         "resumed_from_episode": resumed_from, "generation_seconds": time.perf_counter() - t0,
     }
     data = TaskData.from_episodes(task, episodes, [e["success"] for e in episodes], provenance)
+    if is_complete(directory, task):
+        # another process (e.g. a parallel sweep job) finished this task meanwhile; same spec and
+        # seeds give the same episodes, so its file stands and this one is dropped
+        shutil.rmtree(partial, ignore_errors=True)
+        return {"task": task, "skipped": True}
     save_task(directory, data)
-    if partial.exists():
-        shutil.rmtree(partial)
+    shutil.rmtree(partial, ignore_errors=True)
     return {"task": task, "skipped": False, "seconds": time.perf_counter() - t0, "episodes": data.n_episodes,
             "success_rate": float(data.success.mean()), "return_mean": float(data.episode_returns().mean())}
 

@@ -17,7 +17,9 @@ trajectory prompt from one of t's *held-out* episodes:
 Short segments/prompts are left-padded (real steps at the end, as in the Decision Transformer):
 padded positions hold zeros everywhere and ``mask`` is False there. States are normalised with
 each task's mean/std (``state_norm=task``), pooled statistics (``all``) or not at all (``none``);
-rewards and returns-to-go are divided by ``reward_scale``. The return-to-go at step t is the sum of
+rewards and returns-to-go are divided by ``reward_scale``. ``hide_goal`` zeroes the goal
+position (obs[36:39]) as Meta-World's ML benchmarks do; its normalisation is then mean 0, std 1,
+so an environment observation with the goal zeroed normalises to the same 0. The return-to-go at step t is the sum of
 the episode's rewards from t to its end (undiscounted), before scaling.
 """
 
@@ -31,6 +33,7 @@ import numpy as np
 from recipes.metaworld.storage import DatasetError, OfflineDataset
 
 STD_EPS = 1e-6  # added to the state std (constant dimensions, as in the published code)
+GOAL = slice(36, 39)  # Meta-World 3.x goal position in the 39-d observation
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class SamplingConfig:
     prompt_position: str = "last"
     state_norm: str = "task"
     reward_scale: float = 1000.0
+    hide_goal: bool = False
 
     def __post_init__(self):
         choices = {"prompt_episode": ("best", "random"), "prompt_position": ("last", "random"),
@@ -111,16 +115,20 @@ def heldout_episodes(returns: np.ndarray, n: int) -> np.ndarray:
     return np.argsort(-np.asarray(returns), kind="stable")[:n]
 
 
-def normalisation(dataset: OfflineDataset, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task state mean and std, each (T, D) float64 (rows equal for ``all``; 0 / 1 for ``none``)."""
+def normalisation(dataset: OfflineDataset, mode: str, hide_goal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task state mean and std, each (T, D) float64 (rows equal for ``all``; 0 / 1 for ``none``
+    and for the goal dimensions when ``hide_goal``)."""
     n_tasks, dim = len(dataset.tasks), dataset.obs_dim
     if mode == "none":
-        return np.zeros((n_tasks, dim)), np.ones((n_tasks, dim))
-    if mode == "all":
+        means, stds = np.zeros((n_tasks, dim)), np.ones((n_tasks, dim))
+    elif mode == "all":
         obs = np.concatenate([dataset[t].observations for t in dataset.tasks]).astype(np.float64)
-        return np.tile(obs.mean(0), (n_tasks, 1)), np.tile(obs.std(0) + STD_EPS, (n_tasks, 1))
-    means = np.stack([dataset[t].observations.astype(np.float64).mean(0) for t in dataset.tasks])
-    stds = np.stack([dataset[t].observations.astype(np.float64).std(0) + STD_EPS for t in dataset.tasks])
+        means, stds = np.tile(obs.mean(0), (n_tasks, 1)), np.tile(obs.std(0) + STD_EPS, (n_tasks, 1))
+    else:
+        means = np.stack([dataset[t].observations.astype(np.float64).mean(0) for t in dataset.tasks])
+        stds = np.stack([dataset[t].observations.astype(np.float64).std(0) + STD_EPS for t in dataset.tasks])
+    if hide_goal:
+        means[:, GOAL], stds[:, GOAL] = 0.0, 1.0
     return means, stds
 
 
@@ -130,7 +138,7 @@ class SegmentSampler:
     def __init__(self, dataset: OfflineDataset, config: SamplingConfig = SamplingConfig()):
         self.dataset, self.config = dataset, config
         self.tasks = list(dataset.tasks)
-        self.state_mean, self.state_std = normalisation(dataset, config.state_norm)  # (T, D)
+        self.state_mean, self.state_std = normalisation(dataset, config.state_norm, config.hide_goal)  # (T, D)
         obs, act, rew, rtg, ep_begin, ep_len, row_episode = [], [], [], [], [], [], []
         train_rows, heldout, self.heldout = [], [], {}
         n_rows = n_eps = 0
@@ -140,7 +148,10 @@ class SegmentSampler:
             if d.n_episodes <= config.heldout_episodes:
                 raise DatasetError(f"task {task}: {d.n_episodes} episodes, cannot hold out "
                                    f"data.sampling.heldout_episodes={config.heldout_episodes} and still train")
-            obs.append(((d.observations - self.state_mean[i]) / self.state_std[i]).astype(np.float32))
+            states = ((d.observations - self.state_mean[i]) / self.state_std[i]).astype(np.float32)
+            if config.hide_goal:
+                states[:, GOAL] = 0.0
+            obs.append(states)
             act.append(d.actions)
             rew.append(d.rewards)
             # return-to-go as suffix sums inside each episode: with c = cumsum(r) over the task,
@@ -247,7 +258,7 @@ class ReferenceSampler:
 
     def __init__(self, dataset: OfflineDataset, config: SamplingConfig = SamplingConfig()):
         self.dataset, self.config = dataset, config
-        self.mean, self.std = normalisation(dataset, config.state_norm)
+        self.mean, self.std = normalisation(dataset, config.state_norm, config.hide_goal)
 
     def _one(self, task_id: int, episode: int, start: int, length: int):
         d = self.dataset[self.dataset.tasks[task_id]]
@@ -266,6 +277,8 @@ class ReferenceSampler:
         for k, step in enumerate(steps):
             i = pad + k
             s[i] = ((ep["observations"][step] - self.mean[task_id]) / self.std[task_id]).astype(np.float32)
+            if self.config.hide_goal:
+                s[i, 36:39] = 0.0
             a[i] = ep["actions"][step]
             r[i, 0] = ep["rewards"][step] / scale
             g[i, 0] = np.float32(sum(float(x) for x in ep["rewards"][step:])) / scale

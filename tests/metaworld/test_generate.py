@@ -171,3 +171,25 @@ def test_ensure_dataset_generates_once(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again["reach-v3"].observations, ds["reach-v3"].observations)
     with pytest.raises(Exception, match="no Meta-World data chosen"):
         make_data.ensure_dataset({}, tmp_path)
+
+
+def test_task_finished_elsewhere_meanwhile(generated, tmp_path, monkeypatch):
+    """If another process stores the task while this one plays it, this one keeps the stored file."""
+    import shutil
+
+    d, _ = generated
+    real = gen.run_episode
+    calls = {"n": 0}
+
+    def other_process_finishes(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the last episode: the "other process" stores the finished task
+            for p in task_paths(d, "reach-v3"):
+                shutil.copy(p, tmp_path / p.name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "run_episode", other_process_finishes)
+    summary = gen.generate_task("reach-v3", SPEC, tmp_path, checkpoint_every=2)
+    assert summary["skipped"] and calls["n"] == 6
+    assert load_dataset(tmp_path, ["reach-v3"])["reach-v3"].n_episodes == 6
+    assert not (tmp_path / ".partial" / "reach-v3").exists()

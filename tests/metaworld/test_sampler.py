@@ -13,6 +13,7 @@ FIELDS = ("states", "actions", "rewards", "returns_to_go", "timesteps", "mask", 
     SamplingConfig(context=8, prompt_length=5, heldout_episodes=2, prompt_episode="random", prompt_position="random",
                    state_norm="all", reward_scale=7.5),
     SamplingConfig(context=4, prompt_length=0, heldout_episodes=1, state_norm="none", reward_scale=1.0),
+    SamplingConfig(context=20, prompt_length=5, heldout_episodes=2, hide_goal=True),
 ])
 def test_matches_reference(synthetic, config):
     fast, slow = SegmentSampler(synthetic, config), ReferenceSampler(synthetic, config)
@@ -26,6 +27,7 @@ def test_matches_reference(synthetic, config):
     B, K, Ks = 400, config.context, config.prompt_length
     assert a.states.shape == (B, K, 39) and a.rewards.shape == (B, K, 1) and a.prompt_states.shape == (B, Ks, 39)
     assert (~a.mask).any()  # short episodes (3, 4, 7 steps) force padding in this fixture
+    assert (a.states[..., 36:39] == 0).all() == config.hide_goal
 
 
 def test_padding_and_rtg_by_hand(synthetic):

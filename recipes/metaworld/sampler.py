@@ -133,7 +133,12 @@ def normalisation(dataset: OfflineDataset, mode: str, hide_goal: bool = False) -
 
 
 class SegmentSampler:
-    """Vectorised sampler (see the module docstring). Task ids follow ``dataset.tasks``."""
+    """Vectorised sampler (see the module docstring). Task ids follow ``dataset.tasks``.
+
+    It keeps its own flat copy of every task (normalised float32 states, actions, scaled rewards and
+    returns-to-go and indices, ~200 bytes per transition at D=39): drop the dataset after building it when
+    memory is tight (MT50 at the papers' 1M transitions per task is ~10 GB).
+    """
 
     def __init__(self, dataset: OfflineDataset, config: SamplingConfig = SamplingConfig()):
         self.dataset, self.config = dataset, config
@@ -194,11 +199,12 @@ class SegmentSampler:
         row = self._train_rows[pos]
         g = self._row_episode[row]
         n_held = self.config.heldout_episodes
-        if self.config.prompt_episode == "best":
-            pick = np.zeros(len(task), np.int64)
+        if n_held == 0:  # no prompts (prompt_length 0): the prompt index is unused
+            pg = g
+        elif self.config.prompt_episode == "best":
+            pg = self._heldout[self._heldout_offset[task]]
         else:
-            pick = rng.integers(0, n_held, len(task))
-        pg = self._heldout[self._heldout_offset[task] + pick]
+            pg = self._heldout[self._heldout_offset[task] + rng.integers(0, n_held, len(task))]
         k_star, p_len = self.config.prompt_length, self._ep_len[pg]
         if self.config.prompt_position == "last":
             p_start = np.maximum(p_len - k_star, 0)

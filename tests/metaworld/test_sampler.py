@@ -14,6 +14,7 @@ FIELDS = ("states", "actions", "rewards", "returns_to_go", "timesteps", "mask", 
                    state_norm="all", reward_scale=7.5),
     SamplingConfig(context=4, prompt_length=0, heldout_episodes=1, state_norm="none", reward_scale=1.0),
     SamplingConfig(context=20, prompt_length=5, heldout_episodes=2, hide_goal=True),
+    SamplingConfig(context=6, prompt_length=0, heldout_episodes=0),
 ])
 def test_matches_reference(synthetic, config):
     fast, slow = SegmentSampler(synthetic, config), ReferenceSampler(synthetic, config)

@@ -97,9 +97,10 @@ class GenerationSpec:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "GenerationSpec":
         """From a ``data`` config node (keys as this class's fields; ``curriculum`` as Curriculum's)."""
-        cur = dict(cfg.get("curriculum") or {})
-        if "learn_end" in cur:
-            cur["learn_end"] = dict(cur["learn_end"])
+        # floats throughout, so that `0` and `0.0` in a config give the same spec (and folder)
+        cur = {k: float(v) for k, v in dict(cfg.get("curriculum") or {}).items() if k != "learn_end"}
+        if (cfg.get("curriculum") or {}).get("learn_end") is not None:
+            cur["learn_end"] = {k: float(v) for k, v in dict(cfg["curriculum"]["learn_end"]).items()}
         return cls(composition=str(cfg["composition"]), transitions_per_task=int(cfg["transitions_per_task"]),
                    episode_length=int(cfg.get("episode_length", 500)), seed=int(cfg.get("seed", 0)),
                    curriculum=Curriculum(**cur))

@@ -38,6 +38,11 @@ def test_spec_checks():
         GenerationSpec(transitions_per_task=350, episode_length=60)
     with pytest.raises(ValueError, match="data.composition='expert'"):
         GenerationSpec(composition="expert")
+    node = {"composition": "near_optimal", "transitions_per_task": 360, "episode_length": 60, "seed": 3,
+            "curriculum": {"offset_std": 0, "learn_end": {"easy": 1, "medium": 0.4, "hard": 0.5, "very_hard": 0.6}}}
+    as_ints = GenerationSpec.from_config(node)
+    node["curriculum"] = {"offset_std": 0.0, "learn_end": {"easy": 1.0, "medium": 0.4, "hard": 0.5, "very_hard": 0.6}}
+    assert as_ints.dirname() == GenerationSpec.from_config(node).dirname()
 
 
 def test_make_env_random_goal_visible():

@@ -12,6 +12,8 @@ task: episode i of a schedule of E episodes, at progress f = i / E, is played by
 
 Actions are clipped to [-1, 1]. ``near_optimal`` keeps all E episodes, ``sub_optimal`` the first
 E/2 (the papers' "first 50 % of the buffer"); both are prefixes of one deterministic sequence.
+Optionally, a few extra expert episodes per task (``demos``) are stored apart as prompt
+demonstrations, so that prompts never come out of the training data.
 Goals are random per episode (MT50-rand): every episode has its own seed drawn from
 ``(seed, task's index in the papers' order, episode index)``, so a task's data does not depend on
 which task set, process or resumed run produced it.
@@ -35,7 +37,7 @@ import numpy as np
 
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import write_json
-from recipes.metaworld.storage import DatasetError, TaskData, is_complete, save_task, task_paths
+from recipes.metaworld.storage import DatasetError, TaskData, demo_dir, is_complete, save_task
 from recipes.metaworld.tasksets import DIFFICULTY, PAPER_ORDER, canonical_task
 
 GENERATOR_VERSION = 1
@@ -287,6 +289,49 @@ def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkp
             "success_rate": float(data.success.mean()), "return_mean": float(data.episode_returns().mean())}
 
 
+DEMO_EPISODE_BASE = 10**6  # demonstration i uses episode seed stream DEMO_EPISODE_BASE + i
+
+
+def generate_demos(task: str, spec: GenerationSpec, directory: str | Path, n_demos: int,
+                   on_episode: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``n_demos`` expert episodes (the curriculum's expert phase) with their own seeds, stored like a
+    task under :func:`demo_dir`. They are not part of the training data: prompts come from them."""
+    task, folder = canonical_task(task), demo_dir(directory, n_demos)
+    if is_complete(folder, task):
+        return {"task": task, "skipped": True}
+    t0 = time.perf_counter()
+    levels = spec.curriculum.levels(spec.schedule_episodes, spec.schedule_episodes, DIFFICULTY[task])
+    env, expert = make_env(task, spec.seed), make_expert(task)
+    episodes = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+        for i in range(n_demos):
+            episodes.append(run_episode(env, expert, episode_rng(spec.seed, task, DEMO_EPISODE_BASE + i), levels,
+                                        spec.episode_length))
+            if on_episode is not None:
+                on_episode(task)
+    env.close()
+    provenance = {"generator": "recipes.metaworld.generate.generate_demos", "spec": spec.key(), "task": task,
+                  "demonstrations": n_demos, "levels": levels, "episode_seed_base": DEMO_EPISODE_BASE,
+                  "versions": _library_versions(), "generation_seconds": time.perf_counter() - t0}
+    data = TaskData.from_episodes(task, episodes, [e["success"] for e in episodes], provenance)
+    if not is_complete(folder, task):  # else another process stored the same episodes meanwhile
+        save_task(folder, data)
+    return {"task": task, "skipped": False, "demo_success_rate": float(data.success.mean())}
+
+
+def _task_and_demos(task, spec, directory, checkpoint_every, n_demos, on_episode) -> dict:
+    summary = generate_task(task, spec, directory, checkpoint_every, on_episode)
+    if n_demos:
+        demo = generate_demos(task, spec, directory, n_demos, on_episode)
+        summary = {**summary, "skipped": summary["skipped"] and demo["skipped"]}
+    return summary
+
+
+def _is_done(directory: Path, task: str, n_demos: int) -> bool:
+    return is_complete(directory, task) and (not n_demos or is_complete(demo_dir(directory, n_demos), task))
+
+
 # ------------------------------------------------------------------------------- many tasks
 
 _QUEUE = None
@@ -303,8 +348,8 @@ def _init_worker(queue) -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _worker_task(task: str, spec: GenerationSpec, directory: str, checkpoint_every: int) -> dict:
-    return generate_task(task, spec, directory, checkpoint_every, on_episode=_QUEUE.put)
+def _worker_task(task: str, spec: GenerationSpec, directory: str, checkpoint_every: int, n_demos: int) -> dict:
+    return _task_and_demos(task, spec, directory, checkpoint_every, n_demos, on_episode=_QUEUE.put)
 
 
 class _EpisodeProgress:
@@ -346,8 +391,9 @@ class _EpisodeProgress:
 
 
 def generate_dataset(spec: GenerationSpec, tasks: Sequence[str], directory: str | Path, workers: int = 1,
-                     checkpoint_every: int = 10, progress: bool = True) -> list[dict]:
-    """Generate every task of ``tasks`` not yet complete in ``directory``, ``workers`` processes at a time.
+                     checkpoint_every: int = 10, progress: bool = True, demos: int = 0) -> list[dict]:
+    """Generate every task of ``tasks`` not yet complete in ``directory``, ``workers`` processes at a time,
+    plus ``demos`` prompt demonstrations per task (:func:`generate_demos`).
 
     Complete tasks are skipped; interrupted ones resume from their checkpoint. Returns one summary
     per task (``skipped`` for those already there).
@@ -363,24 +409,30 @@ def generate_dataset(spec: GenerationSpec, tasks: Sequence[str], directory: str 
                                f"choose another data_root or delete that folder")
     else:
         write_json(gen_file, spec.key())
-    pending = [t for t in tasks if not is_complete(directory, t)]
+    pending = [t for t in tasks if not _is_done(directory, t, demos)]
     summaries = [{"task": t, "skipped": True} for t in tasks if t not in pending]
     if not pending:
         return summaries
-    done_before = {t: len(_load_partial(_partial_dir(directory, t), spec)) for t in pending}
-    total = sum(spec.n_episodes - min(done_before[t], spec.n_episodes) for t in pending)
+    total = 0
+    for t in pending:
+        if not is_complete(directory, t):
+            total += spec.n_episodes - min(len(_load_partial(_partial_dir(directory, t), spec)), spec.n_episodes)
+        if demos and not is_complete(demo_dir(directory, demos), t):
+            total += demos
     label = f"{spec.composition} {len(pending)} tasks"
     with _EpisodeProgress(total, label, enabled=progress) as bar:
         if workers <= 1 or len(pending) == 1:
             for t in pending:
-                summaries.append(generate_task(t, spec, directory, checkpoint_every, on_episode=lambda _: bar.advance()))
+                summaries.append(_task_and_demos(t, spec, directory, checkpoint_every, demos,
+                                                 on_episode=lambda _: bar.advance()))
         else:
-            summaries += _generate_parallel(pending, spec, directory, min(workers, len(pending)), checkpoint_every, bar)
+            summaries += _generate_parallel(pending, spec, directory, min(workers, len(pending)), checkpoint_every,
+                                            demos, bar)
     order = {t: i for i, t in enumerate(tasks)}
     return sorted(summaries, key=lambda s: order[s["task"]])
 
 
-def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, bar) -> list[dict]:
+def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, n_demos, bar) -> list[dict]:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from queue import Empty
@@ -399,7 +451,7 @@ def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, bar) -
                 os.environ[v] = old
     results = []
     with pool:
-        futures = {pool.submit(_worker_task, t, spec, str(directory), checkpoint_every) for t in tasks}
+        futures = {pool.submit(_worker_task, t, spec, str(directory), checkpoint_every, n_demos) for t in tasks}
         try:
             while futures:
                 finished, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)

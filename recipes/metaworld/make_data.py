@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from maskmtl.config import ConfigError
 from maskmtl.outputs import write_json
 from recipes.metaworld.generate import GenerationSpec, generate_dataset
-from recipes.metaworld.storage import OfflineDataset, is_complete, load_dataset, task_paths
+from recipes.metaworld.storage import OfflineDataset, demo_dir, is_complete, load_dataset, task_paths
 from recipes.metaworld.tasksets import UnknownTaskError, resolve_tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,11 +53,13 @@ def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
 
 def smoke_data(data: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a ``data`` node shrunk for ``debug=smoke``: its first two tasks, 4 episodes of 50
-    steps each (2 for sub_optimal), one held out per task, generated in one process."""
+    steps each (2 for sub_optimal), at most one demonstration and one held-out episode per task,
+    generated in one process."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(data, resolve=True) if not isinstance(data, dict) else dict(data)
-    node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1)
+    node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1,
+                prompt_demos=min(int(node.get("prompt_demos", 0)), 1))
     node["sampling"] = {**dict(node.get("sampling") or {}), "heldout_episodes": 1}
     return node
 
@@ -72,10 +74,11 @@ def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Se
     spec = GenerationSpec.from_config(data)
     tasks = list(tasks) if tasks is not None else dataset_tasks(data)
     directory = dataset_dir(data, root)
-    if not all(is_complete(directory, t) for t in tasks):
+    demos = int(data.get("prompt_demos", 0) or 0)
+    if not all(is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks):
         generate_dataset(spec, tasks, directory, workers=int(data.get("workers", 1)),
-                         checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress)
-    return load_dataset(directory, tasks)
+                         checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress, demos=demos)
+    return load_dataset(directory, tasks, demos=demos)
 
 
 def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
@@ -88,7 +91,12 @@ def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
                        "success_rate": float(d.success.mean()) if d.success is not None else float("nan"),
                        "return_mean": float(d.episode_returns().mean())}
     n = len(per_task)
-    return {"directory": str(directory), "tasks": list(dataset.tasks), "bytes_on_disk": size,
+    demos = None
+    if dataset.demos is not None:
+        k = dataset.demos[dataset.tasks[0]].n_episodes
+        demos = {"per_task": k, "success_rate": sum(float(dataset.demos[t].success.mean()) for t in dataset.tasks) / n,
+                 "bytes_on_disk": sum(p.stat().st_size for t in dataset.tasks for p in task_paths(demo_dir(directory, k), t))}
+    return {"directory": str(directory), "tasks": list(dataset.tasks), "bytes_on_disk": size, "demonstrations": demos,
             "transitions_per_task": sorted({v["transitions"] for v in per_task.values()}),
             "success_rate": sum(v["success_rate"] for v in per_task.values()) / n,
             "return_mean": sum(v["return_mean"] for v in per_task.values()) / n,
@@ -116,5 +124,8 @@ def run(cfg: DictConfig) -> dict:
                  for t, v in summary["per_task"].items()})
     print(f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, {summary['seconds']:.0f} s, "
           f"mean success {summary['success_rate']:.3f}")
+    if summary["demonstrations"]:
+        demos = summary["demonstrations"]
+        print(f"prompt demonstrations: {demos['per_task']} per task, success {demos['success_rate']:.3f}")
     write_json(run_dir() / "data_summary.json", summary)
     return summary

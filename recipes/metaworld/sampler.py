@@ -3,10 +3,13 @@
 A training sample of task t is a K-step segment of one of t's *training* episodes plus a K*-step
 trajectory prompt from one of t's *held-out* episodes:
 
-* Held-out episodes: per task, the ``heldout_episodes`` highest-return episodes (ties: earlier
-  episode first) are set aside as demonstrations. They are never used for training segments, so
-  the prompt never shows the model a trajectory it is also trained to imitate (the published code
-  trains on its prompt episodes too).
+* Prompt episodes: if the dataset carries separate demonstrations (``dataset.demos``, generated
+  with ``data.prompt_demos``), all of them, and every data episode trains. Otherwise, per task,
+  the ``heldout_episodes`` highest-return episodes (ties: earlier episode first) are set aside and
+  never used for training segments. Either way the prompt never shows the model a trajectory it
+  is also trained to imitate (the published code trains on its prompt episodes too). Setting the
+  best episodes aside costs the training data its best examples, which matters where they are
+  rare (sub-optimal data of hard tasks), hence the separate demonstrations.
 * Segment: a start transition is drawn uniformly over the task's training transitions (this is the
   published "episode ∝ length, then a uniform start" rule); the segment is steps
   ``start .. start+K-1`` of its episode, cut at the episode's end.
@@ -57,8 +60,6 @@ class SamplingConfig:
                 raise ValueError(f"data.sampling.{key}={getattr(self, key)!r}: expected one of {allowed}")
         if self.context < 1 or self.prompt_length < 0 or self.reward_scale <= 0:
             raise ValueError(f"data.sampling: need context >= 1, prompt_length >= 0, reward_scale > 0; got {self}")
-        if self.prompt_length > 0 and self.heldout_episodes < 1:
-            raise ValueError("data.sampling.heldout_episodes must be >= 1 when prompt_length > 0")
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> "SamplingConfig":
@@ -71,7 +72,8 @@ class SamplingConfig:
 
 @dataclass
 class SegmentIndex:
-    """Which steps a batch holds; all arrays (B,) int64, episodes indexed within their task."""
+    """Which steps a batch holds; all arrays (B,) int64, episodes indexed within their task's episode
+    space (data episodes 0..E-1, then its demonstrations E..E+P-1)."""
 
     task: np.ndarray
     episode: np.ndarray
@@ -148,35 +150,44 @@ class SegmentSampler:
         train_rows, heldout, self.heldout = [], [], {}
         n_rows = n_eps = 0
         self._ep_offset = np.zeros(len(self.tasks), np.int64)
+        pool_count = []
         for i, task in enumerate(self.tasks):
             d = dataset[task]
-            if d.n_episodes <= config.heldout_episodes:
+            demo = dataset.demos[task] if dataset.demos is not None else None
+            if demo is None and d.n_episodes <= config.heldout_episodes:
                 raise DatasetError(f"task {task}: {d.n_episodes} episodes, cannot hold out "
                                    f"data.sampling.heldout_episodes={config.heldout_episodes} and still train")
-            states = ((d.observations - self.state_mean[i]) / self.state_std[i]).astype(np.float32)
+            # the task's episode space: its data's episodes 0..E-1, then its demonstrations E..E+P-1
+            observations, actions, rewards, starts = _episode_space(d, demo)
+            states = ((observations - self.state_mean[i]) / self.state_std[i]).astype(np.float32)
             if config.hide_goal:
                 states[:, GOAL] = 0.0
             obs.append(states)
-            act.append(d.actions)
-            rew.append(d.rewards)
+            act.append(actions)
+            rew.append(rewards)
             # return-to-go as suffix sums inside each episode: with c = cumsum(r) over the task,
             # R_t = c[end-1] - c[t] + r_t for t in [start, end)
-            r64 = d.rewards.astype(np.float64)
+            r64 = rewards.astype(np.float64)
             csum = np.cumsum(r64)
-            starts, ends = d.episode_starts[:-1], d.episode_starts[1:]
+            ends, starts = starts[1:], starts[:-1]
             lengths = ends - starts
             rtg.append((np.repeat(csum[ends - 1], lengths) - csum + r64).astype(np.float32))
             self._ep_offset[i] = n_eps
             ep_begin.append(starts + n_rows)
             ep_len.append(lengths)
-            row_episode.append(np.repeat(np.arange(d.n_episodes) + n_eps, lengths))
-            held = heldout_episodes(d.episode_returns(), config.heldout_episodes)
+            row_episode.append(np.repeat(np.arange(len(lengths)) + n_eps, lengths))
+            if demo is None:  # the top-return episodes of the data, set aside
+                held = heldout_episodes(d.episode_returns(), config.heldout_episodes)
+                train = np.setdiff1d(np.arange(d.n_episodes), held)
+            else:  # every demonstration, best first; all of the data trains
+                held = d.n_episodes + heldout_episodes(demo.episode_returns(), demo.n_episodes)
+                train = np.arange(d.n_episodes)
             self.heldout[task] = held
             heldout.append(held + n_eps)
-            train = np.setdiff1d(np.arange(d.n_episodes), held)
+            pool_count.append(len(held))
             train_rows.append(np.concatenate([np.arange(starts[e], ends[e]) for e in train]) + n_rows)
-            n_rows += d.n_transitions
-            n_eps += d.n_episodes
+            n_rows += len(rewards)
+            n_eps += len(lengths)
         scale = np.float32(config.reward_scale)
         self._obs = np.concatenate(obs)                          # (N, D) normalised states
         self._act = np.concatenate(act)                          # (N, A)
@@ -188,8 +199,12 @@ class SegmentSampler:
         self._train_rows = np.concatenate(train_rows)            # training rows, grouped by task
         self._train_count = np.array([len(r) for r in train_rows])
         self._train_offset = np.concatenate([[0], np.cumsum(self._train_count)[:-1]])
-        self._heldout = np.concatenate(heldout)                  # held-out episodes, best first per task
-        self._heldout_offset = np.arange(len(self.tasks)) * config.heldout_episodes
+        self._heldout = np.concatenate(heldout)                  # prompt episodes, best first per task
+        self._heldout_count = np.array(pool_count)
+        if config.prompt_length > 0 and not self._heldout_count.all():
+            raise DatasetError("prompts need episodes to come from: data.sampling.heldout_episodes >= 1 "
+                               "or demonstrations (data.prompt_demos)")
+        self._heldout_offset = np.concatenate([[0], np.cumsum(pool_count)[:-1]]).astype(np.int64)
 
     # ---------------------------------------------------------------- which steps
     def draw(self, task: np.ndarray, rng: np.random.Generator) -> SegmentIndex:
@@ -198,13 +213,14 @@ class SegmentSampler:
         pos = self._train_offset[task] + (rng.random(len(task)) * self._train_count[task]).astype(np.int64)
         row = self._train_rows[pos]
         g = self._row_episode[row]
-        n_held = self.config.heldout_episodes
-        if n_held == 0:  # no prompts (prompt_length 0): the prompt index is unused
+        n_pool = self._heldout_count[task]
+        if not n_pool.all():  # no prompt episodes (prompt_length 0): the prompt index is unused
             pg = g
         elif self.config.prompt_episode == "best":
             pg = self._heldout[self._heldout_offset[task]]
         else:
-            pg = self._heldout[self._heldout_offset[task] + rng.integers(0, n_held, len(task))]
+            pick = (rng.random(len(task)) * n_pool).astype(np.int64)
+            pg = self._heldout[self._heldout_offset[task] + pick]
         k_star, p_len = self.config.prompt_length, self._ep_len[pg]
         if self.config.prompt_position == "last":
             p_start = np.maximum(p_len - k_star, 0)
@@ -255,6 +271,15 @@ class SegmentSampler:
         return np.setdiff1d(np.arange(d.n_episodes), self.heldout[task])
 
 
+def _episode_space(d, demo):
+    """A task's data followed by its demonstrations: observations, actions, rewards, episode starts."""
+    if demo is None:
+        return d.observations, d.actions, d.rewards, d.episode_starts
+    return (np.concatenate([d.observations, demo.observations]), np.concatenate([d.actions, demo.actions]),
+            np.concatenate([d.rewards, demo.rewards]),
+            np.concatenate([d.episode_starts, demo.episode_starts[1:] + d.n_transitions]))
+
+
 class ReferenceSampler:
     """Slow, obviously correct per-sample version of :meth:`SegmentSampler.gather` (tests, benchmark).
 
@@ -267,8 +292,12 @@ class ReferenceSampler:
         self.mean, self.std = normalisation(dataset, config.state_norm, config.hide_goal)
 
     def _one(self, task_id: int, episode: int, start: int, length: int):
-        d = self.dataset[self.dataset.tasks[task_id]]
-        ep = d.episode(episode)
+        task = self.dataset.tasks[task_id]
+        d = self.dataset[task]
+        if episode < d.n_episodes:
+            ep = d.episode(episode)
+        else:  # a demonstration: episodes E.. of the task's episode space
+            ep = self.dataset.demos[task].episode(episode - d.n_episodes)
         T = len(ep["rewards"])
         steps = list(range(start, min(start + length, T)))
         pad = length - len(steps)

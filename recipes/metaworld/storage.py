@@ -16,6 +16,8 @@ A dataset is a directory with two files per task (``<task>`` is the Meta-World n
         stats                        state_mean, state_std (per dim), return mean and quantiles,
                                      success_rate, per-episode return and success
         provenance                   who made it: generator config, library versions, seed, ...
+    demos-<n>/    optional: n prompt demonstrations per task, kept apart from the training data,
+                  in the same format (``load_dataset(..., demos=n)`` attaches them as ``.demos``)
 
 Loading checks both files and raises :class:`DatasetError` naming the offending file for: a
 missing task, a truncated or corrupt archive, missing keys, wrong dtypes or shapes, NaN/inf
@@ -168,10 +170,14 @@ class TaskData:
 
 @dataclass
 class OfflineDataset:
-    """Several tasks' :class:`TaskData` in a fixed task order (the order defines task ids)."""
+    """Several tasks' :class:`TaskData` in a fixed task order (the order defines task ids).
+
+    ``demos``: optional prompt demonstrations of the same tasks, kept apart from the training data.
+    """
 
     tasks: list[str]
     data: dict[str, TaskData]
+    demos: "OfflineDataset | None" = None
 
     def __post_init__(self):
         missing = [t for t in self.tasks if t not in self.data]
@@ -181,6 +187,11 @@ class OfflineDataset:
         if len(dims) > 1:
             per = {t: (self.data[t].obs_dim, self.data[t].act_dim) for t in self.tasks}
             raise DatasetError(f"tasks disagree on (obs_dim, act_dim): {per}")
+        if self.demos is not None and (self.demos.tasks != self.tasks or self.demos.obs_dim != self.obs_dim
+                                       or self.demos.act_dim != self.act_dim):
+            raise DatasetError(f"demonstrations cover {self.demos.tasks} with dims "
+                               f"({self.demos.obs_dim}, {self.demos.act_dim}); the data {self.tasks} "
+                               f"({self.obs_dim}, {self.act_dim})")
 
     def __getitem__(self, task: str) -> TaskData:
         return self.data[task]
@@ -194,7 +205,7 @@ class OfflineDataset:
         return self.data[self.tasks[0]].act_dim
 
     def head(self, n_episodes: int) -> "OfflineDataset":
-        return OfflineDataset(list(self.tasks), {t: self.data[t].head(n_episodes) for t in self.tasks})
+        return OfflineDataset(list(self.tasks), {t: self.data[t].head(n_episodes) for t in self.tasks}, self.demos)
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -203,6 +214,11 @@ def task_paths(directory: str | Path, task: str) -> tuple[Path, Path]:
     """``(<dir>/<task>.npz, <dir>/<task>.json)``."""
     d = Path(directory)
     return d / f"{task}.npz", d / f"{task}.json"
+
+
+def demo_dir(directory: str | Path, n_demos: int) -> Path:
+    """Folder (same format) of the ``n_demos`` prompt demonstrations per task that go with a dataset."""
+    return Path(directory) / f"demos-{n_demos}"
 
 
 def is_complete(directory: str | Path, task: str) -> bool:
@@ -272,12 +288,19 @@ def load_task(directory: str | Path, task: str, obs_dim: int | None = METAWORLD_
 
 
 def load_dataset(directory: str | Path, tasks: Iterable[str], obs_dim: int | None = METAWORLD_OBS_DIM,
-                 act_dim: int | None = METAWORLD_ACT_DIM) -> OfflineDataset:
-    """Load and validate every task of ``tasks`` from ``directory`` (see the module docstring)."""
+                 act_dim: int | None = METAWORLD_ACT_DIM, demos: int = 0) -> OfflineDataset:
+    """Load and validate every task of ``tasks`` from ``directory`` (see the module docstring), and with
+    ``demos > 0`` the prompt demonstrations stored in ``demo_dir(directory, demos)``."""
     tasks = list(tasks)
     data = {t: load_task(directory, t, obs_dim, act_dim) for t in tasks}
+    demo_set = load_dataset(demo_dir(directory, demos), tasks, obs_dim, act_dim) if demos else None
+    if demo_set is not None:
+        for t in tasks:
+            if demo_set[t].n_episodes != demos:
+                raise DatasetError(f"{task_paths(demo_dir(directory, demos), t)[0]}: {demo_set[t].n_episodes} "
+                                   f"demonstrations, expected {demos}")
     try:
-        return OfflineDataset(tasks, data)
+        return OfflineDataset(tasks, data, demo_set)
     except DatasetError as e:
         raise DatasetError(f"{directory}: {e}") from e
 
@@ -285,6 +308,11 @@ def load_dataset(directory: str | Path, tasks: Iterable[str], obs_dim: int | Non
 def save_dataset(directory: str | Path, dataset: OfflineDataset) -> None:
     for t in dataset.tasks:
         save_task(directory, dataset[t])
+    if dataset.demos is not None:
+        n = {dataset.demos[t].n_episodes for t in dataset.tasks}
+        if len(n) != 1:
+            raise DatasetError(f"demonstrations per task differ ({sorted(n)}); store them separately")
+        save_dataset(demo_dir(directory, n.pop()), dataset.demos)
 
 
 def read_sidecar(directory: str | Path, task: str) -> dict:

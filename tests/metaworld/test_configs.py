@@ -62,4 +62,5 @@ def test_make_data_recipe_end_to_end(tmp_path):
         summary = json.loads((tmp_path / run / "data_summary.json").read_text())
         assert summary["tasks"] == ["basketball-v3", "bin-picking-v3"] and summary["transitions_per_task"] == [200]
         assert summary["bytes_on_disk"] > 0 and 0.0 <= summary["success_rate"] <= 1.0
+        assert summary["demonstrations"]["per_task"] == 1 and summary["demonstrations"]["bytes_on_disk"] > 0
     assert summary["tasks_reused"] == ["basketball-v3", "bin-picking-v3"]

@@ -198,3 +198,30 @@ def test_task_finished_elsewhere_meanwhile(generated, tmp_path, monkeypatch):
     assert summary["skipped"] and calls["n"] == 6
     assert load_dataset(tmp_path, ["reach-v3"])["reach-v3"].n_episodes == 6
     assert not (tmp_path / ".partial" / "reach-v3").exists()
+
+
+def test_demonstrations_added_to_existing_data(generated, tmp_path, monkeypatch):
+    """Asking for demos on complete data plays only the demonstrations, with their own seeds."""
+    import shutil
+
+    d, _ = generated
+    for p in task_paths(d, "reach-v3"):
+        shutil.copy(p, tmp_path / p.name)
+    shutil.copy(d / "generation.json", tmp_path / "generation.json")
+    real, calls = gen.run_episode, {"n": 0}
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "run_episode", counting)
+    generate_dataset(SPEC, ["reach-v3"], tmp_path, progress=False, demos=2)
+    assert calls["n"] == 2
+    ds = load_dataset(tmp_path, ["reach-v3"], demos=2)
+    demo, data = ds.demos["reach-v3"], ds["reach-v3"]
+    assert demo.n_episodes == 2 and demo.n_transitions == 120
+    assert read_sidecar(tmp_path / "demos-2", "reach-v3")["provenance"]["levels"]["phase"] == "expert"
+    goals = lambda x: {tuple(g) for g in x.observations[x.episode_starts[:-1], 36:39]}  # noqa: E731
+    assert not goals(demo) & goals(data)  # different episodes from the training data
+    generate_dataset(SPEC, ["reach-v3"], tmp_path, progress=False, demos=2)
+    assert calls["n"] == 2  # complete: nothing played again

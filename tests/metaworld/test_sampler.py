@@ -107,3 +107,37 @@ def test_to_torch(synthetic):
     t = b.to_torch()
     assert t["states"].dtype == torch.float32 and t["timesteps"].dtype == torch.int64 and t["mask"].dtype == torch.bool
     assert (t["task"] == 1).all()
+
+
+@pytest.fixture
+def with_demos(synthetic, make_task):
+    demos = OfflineDataset(synthetic.tasks, {t: make_task(t, [9, 30, 2], seed=10 + i) for i, t in enumerate(synthetic.tasks)})
+    return OfflineDataset(synthetic.tasks, synthetic.data, demos)
+
+
+@pytest.mark.parametrize("config", [
+    SamplingConfig(context=20, prompt_length=5, heldout_episodes=0),
+    SamplingConfig(context=7, prompt_length=4, prompt_episode="random", prompt_position="random", state_norm="all"),
+])
+def test_demonstrations_are_the_prompts(with_demos, config):
+    fast, slow = SegmentSampler(with_demos, config), ReferenceSampler(with_demos, config)
+    rng = np.random.default_rng(3)
+    index = fast.draw(rng.integers(0, 2, 3000), rng)
+    a, b = fast.gather(index), slow.gather(index)
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    for i, task in enumerate(with_demos.tasks):
+        n = with_demos[task].n_episodes
+        mine = index.task == i
+        assert set(index.episode[mine].tolist()) == set(range(n))          # all data episodes train
+        assert (index.prompt_episode[mine] >= n).all()                     # prompts only from demos
+        demo_returns = with_demos.demos[task].episode_returns()
+        assert fast.heldout[task].tolist() == (n + np.argsort(-demo_returns)).tolist()
+    if config.prompt_episode == "best":
+        np.testing.assert_array_equal(a.prompt_states[0][a.prompt_mask[0]],
+                                      b.prompt_states[0][b.prompt_mask[0]])
+
+
+def test_prompts_need_a_source(synthetic):
+    with pytest.raises(DatasetError, match="prompts need episodes"):
+        SegmentSampler(synthetic, SamplingConfig(heldout_episodes=0, prompt_length=5))

@@ -122,3 +122,16 @@ def test_dims_disagree_between_tasks(tmp_path, make_task):
         load_dataset(tmp_path, ["reach-v3", "push-v3"])
     with pytest.raises(DatasetError, match="disagree on"):
         load_dataset(tmp_path, ["reach-v3", "push-v3"], obs_dim=None, act_dim=None)
+
+
+def test_demonstrations_round_trip(tmp_path, synthetic, make_task):
+    demos = OfflineDataset(synthetic.tasks, {t: make_task(t, [4, 6], seed=5) for t in synthetic.tasks})
+    save_dataset(tmp_path, OfflineDataset(synthetic.tasks, synthetic.data, demos))
+    assert (tmp_path / "demos-2" / "push-v3.npz").exists()
+    back = load_dataset(tmp_path, synthetic.tasks, demos=2)
+    np.testing.assert_array_equal(back.demos["push-v3"].observations, demos["push-v3"].observations)
+    assert load_dataset(tmp_path, synthetic.tasks).demos is None
+    with pytest.raises(DatasetError, match=r"demos-3/reach-v3\.npz"):
+        load_dataset(tmp_path, synthetic.tasks, demos=3)
+    with pytest.raises(DatasetError, match="demonstrations cover"):
+        OfflineDataset(synthetic.tasks, synthetic.data, OfflineDataset(["reach-v3"], {"reach-v3": demos["reach-v3"]}))

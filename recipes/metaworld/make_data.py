@@ -28,8 +28,7 @@ def data_root(root: str | Path) -> Path:
     return root if root.is_absolute() else REPO_ROOT / root
 
 
-def _data_node(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
-    data = cfg.get("data")
+def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if not data or "composition" not in data:
         raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
     return data
@@ -69,14 +68,12 @@ def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Se
     """The dataset described by the ``data`` config node under ``root`` (the ``data_root`` key), for
     ``tasks`` (default: the node's task set). Tasks not yet on disk are generated (and cached for
     later runs); then every task is loaded and validated."""
-    if not data or "composition" not in data:
-        raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
-    spec = GenerationSpec.from_config(data)
+    directory = dataset_dir(_require_data(data), root)  # also checks the generation keys
     tasks = list(tasks) if tasks is not None else dataset_tasks(data)
-    directory = dataset_dir(data, root)
     demos = int(data.get("prompt_demos", 0) or 0)
-    if not all(is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks):
-        generate_dataset(spec, tasks, directory, workers=int(data.get("workers", 1)),
+    done = [is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks]
+    if not all(done):
+        generate_dataset(GenerationSpec.from_config(data), tasks, directory, workers=int(data.get("workers", 1)),
                          checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress, demos=demos)
     return load_dataset(directory, tasks, demos=demos)
 
@@ -94,8 +91,9 @@ def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
     demos = None
     if dataset.demos is not None:
         k = dataset.demos[dataset.tasks[0]].n_episodes
-        demos = {"per_task": k, "success_rate": sum(float(dataset.demos[t].success.mean()) for t in dataset.tasks) / n,
-                 "bytes_on_disk": sum(p.stat().st_size for t in dataset.tasks for p in task_paths(demo_dir(directory, k), t))}
+        files = [p for t in dataset.tasks for p in task_paths(demo_dir(directory, k), t)]
+        demos = {"per_task": k, "bytes_on_disk": sum(p.stat().st_size for p in files),
+                 "success_rate": sum(float(dataset.demos[t].success.mean()) for t in dataset.tasks) / n}
     return {"directory": str(directory), "tasks": list(dataset.tasks), "bytes_on_disk": size, "demonstrations": demos,
             "transitions_per_task": sorted({v["transitions"] for v in per_task.values()}),
             "success_rate": sum(v["success_rate"] for v in per_task.values()) / n,
@@ -107,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
     from recipes.common import print_table, run_dir
 
     t0 = time.perf_counter()
-    data = _data_node(cfg)
+    data = _require_data(cfg.get("data"))
     if cfg.smoke:
         data = smoke_data(data)
         print(f"smoke: generating only {data['tasks']} with {data['transitions_per_task']} transitions each")

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "masked-step": "maskmtl.bench:masked_step",
     "mask-update": "maskmtl.bench:mask_update",
     "score-stability": "recipes.digits.bench:score_stability",
+    "sampler": "recipes.metaworld.bench:sampler",
 }
 
 

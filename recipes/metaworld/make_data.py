@@ -1,0 +1,129 @@
+"""Recipe ``make_data`` and :func:`ensure_dataset`, the one call other recipes need for their data.
+
+    python tools/run.py recipe=make_data data=mt10_near     # generate, validate, print figures
+    python tools/run.py recipe=make_data data=mt10_sub data.workers=4
+    python tools/run.py recipe=make_data debug=smoke       # two tasks, four short episodes each
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig
+
+from maskmtl.config import ConfigError
+from maskmtl.outputs import write_json
+from recipes.metaworld.generate import GenerationSpec, generate_dataset
+from recipes.metaworld.storage import OfflineDataset, demo_dir, is_complete, load_dataset, task_paths
+from recipes.metaworld.tasksets import UnknownTaskError, resolve_tasks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_root(root: str | Path) -> Path:
+    """``data_root`` from the config; a relative path is taken under the repository, not the CWD."""
+    root = Path(root).expanduser()
+    return root if root.is_absolute() else REPO_ROOT / root
+
+
+def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if not data or "composition" not in data:
+        raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
+    return data
+
+
+def dataset_tasks(data: Mapping[str, Any]) -> list[str]:
+    try:
+        return resolve_tasks(data.get("taskset"), data.get("tasks"))
+    except UnknownTaskError as e:
+        raise ConfigError(f"data.taskset / data.tasks: {e}") from e
+
+
+def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
+    """Where the dataset described by the ``data`` node lives: ``<root>/metaworld/<spec dirname>``."""
+    try:
+        spec = GenerationSpec.from_config(data)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    return data_root(root) / "metaworld" / spec.dirname()
+
+
+def smoke_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a ``data`` node shrunk for ``debug=smoke``: its first two tasks, 4 episodes of 50
+    steps each (2 for sub_optimal), at most one demonstration and one held-out episode per task,
+    generated in one process."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(data, resolve=True) if not isinstance(data, dict) else dict(data)
+    node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1,
+                prompt_demos=min(int(node.get("prompt_demos", 0)), 1))
+    node["sampling"] = {**dict(node.get("sampling") or {}), "heldout_episodes": 1}
+    return node
+
+
+def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Sequence[str] | None = None,
+                   progress: bool = True) -> OfflineDataset:
+    """The dataset described by the ``data`` config node under ``root`` (the ``data_root`` key), for
+    ``tasks`` (default: the node's task set). Tasks not yet on disk are generated (and cached for
+    later runs); then every task is loaded and validated."""
+    directory = dataset_dir(_require_data(data), root)  # also checks the generation keys
+    tasks = list(tasks) if tasks is not None else dataset_tasks(data)
+    demos = int(data.get("prompt_demos", 0) or 0)
+    done = [is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks]
+    if not all(done):
+        generate_dataset(GenerationSpec.from_config(data), tasks, directory, workers=int(data.get("workers", 1)),
+                         checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress, demos=demos)
+    return load_dataset(directory, tasks, demos=demos)
+
+
+def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
+    """Transitions, episodes, success rate, mean return per task, and bytes on disk."""
+    per_task, size = {}, 0
+    for t in dataset.tasks:
+        d = dataset[t]
+        size += sum(p.stat().st_size for p in task_paths(directory, t))
+        per_task[t] = {"transitions": d.n_transitions, "episodes": d.n_episodes,
+                       "success_rate": float(d.success.mean()) if d.success is not None else float("nan"),
+                       "return_mean": float(d.episode_returns().mean())}
+    n = len(per_task)
+    demos = None
+    if dataset.demos is not None:
+        k = dataset.demos[dataset.tasks[0]].n_episodes
+        files = [p for t in dataset.tasks for p in task_paths(demo_dir(directory, k), t)]
+        demos = {"per_task": k, "bytes_on_disk": sum(p.stat().st_size for p in files),
+                 "success_rate": sum(float(dataset.demos[t].success.mean()) for t in dataset.tasks) / n}
+    return {"directory": str(directory), "tasks": list(dataset.tasks), "bytes_on_disk": size, "demonstrations": demos,
+            "transitions_per_task": sorted({v["transitions"] for v in per_task.values()}),
+            "success_rate": sum(v["success_rate"] for v in per_task.values()) / n,
+            "return_mean": sum(v["return_mean"] for v in per_task.values()) / n,
+            "per_task": per_task}
+
+
+def run(cfg: DictConfig) -> dict:
+    from recipes.common import print_table, run_dir
+
+    t0 = time.perf_counter()
+    data = _require_data(cfg.get("data"))
+    if cfg.smoke:
+        data = smoke_data(data)
+        print(f"smoke: generating only {data['tasks']} with {data['transitions_per_task']} transitions each")
+    directory = dataset_dir(data, cfg.data_root)
+    tasks = dataset_tasks(data)
+    already = [t for t in tasks if is_complete(directory, t)]
+    print(f"{data['composition']} data for {len(tasks)} tasks in {directory} ({len(already)} already there)")
+    dataset = ensure_dataset(data, cfg.data_root, tasks)
+    summary = summarise(dataset, directory)
+    summary.update({"composition": str(data["composition"]), "seconds": time.perf_counter() - t0,
+                    "tasks_reused": already, "spec": GenerationSpec.from_config(data).key()})
+    print_table(f"{data['composition']}: {directory.name}",
+                {t: {k: float(v[k]) for k in ("success_rate", "return_mean", "episodes")}
+                 for t, v in summary["per_task"].items()})
+    print(f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, {summary['seconds']:.0f} s, "
+          f"mean success {summary['success_rate']:.3f}")
+    if summary["demonstrations"]:
+        demos = summary["demonstrations"]
+        print(f"prompt demonstrations: {demos['per_task']} per task, success {demos['success_rate']:.3f}")
+    write_json(run_dir() / "data_summary.json", summary)
+    return summary

@@ -1,0 +1,176 @@
+"""Batched Meta-World evaluation of a (masked) Prompt Decision Transformer.
+
+All tasks are evaluated at once: ``parallel`` episodes of every task step together, arranged as a
+(T tasks, n envs) grid, and each environment step costs one policy call for the whole grid. With
+task masks, the masked parameters θ⊙M of each task are stacked once per evaluation and
+``torch.func.vmap`` maps the forward over the task axis (each task's n envs form the inner batch),
+so every env acts with its own task's mask and prompt. Without masks (dense, MTDT) the grid is one
+plain batch.
+
+An episode succeeds if ``info["success"]`` was ever true. ``stop_on_success`` ends an env's episode
+at its first success (enough for success rates; returns then count only the steps played).
+The return-to-go starts at each task's own target (``rtg_target``, raw reward units, e.g. a high
+quantile of the task's data returns) and decreases by each reward, both divided by
+``reward_scale`` as in training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call, vmap
+
+from maskmtl import MaskSet
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    episode: int
+    seed: int
+    success: bool
+    ret: float
+    steps: int
+
+
+@dataclass
+class EvalReport:
+    episodes: list[EpisodeResult]
+    policy_s: float = 0.0
+    sim_s: float = 0.0
+    env_steps: int = 0
+    per_task: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def summarise(self) -> "EvalReport":
+        for task in dict.fromkeys(e.task for e in self.episodes):
+            eps = [e for e in self.episodes if e.task == task]
+            self.per_task[task] = {"success": float(np.mean([e.success for e in eps])),
+                                   "return": float(np.mean([e.ret for e in eps])), "episodes": float(len(eps))}
+        return self
+
+
+def episode_seed(seed: int, task_index: int, episode: int) -> int:
+    """The seed of one evaluation episode (goal and object positions): fixed per (task, episode)."""
+    return int(np.random.default_rng([int(seed), int(task_index), int(episode), 7]).integers(2**31 - 1))
+
+
+class GridPolicy:
+    """One forward for a (T, n) grid of envs, each task with its own mask, prompt and task id.
+
+    Args:
+        model: a ``PromptDT``.
+        tasks: task index (into ``masks.tasks`` / the prompt rows) of each grid row.
+        masks: per-task masks, or ``None`` for a dense model.
+        prompt: tuple (states, actions, rtg, timesteps, mask) with leading dim T, or ``None``.
+        task_ids: pass the task index to the model (MTDT).
+    """
+
+    def __init__(self, model: torch.nn.Module, tasks: Sequence[int], masks: MaskSet | None = None,
+                 prompt: tuple | None = None, task_ids: bool = False):
+        self.model, self.masks, self.prompt, self.task_ids = model, masks, prompt, task_ids
+        self.tasks = torch.tensor(list(tasks), dtype=torch.long)
+        self.stacked = None
+        if masks is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                self.stacked = {n: torch.stack([torch.where(masks[n][masks.group_of(int(t))], params[n], 0.0)
+                                                for t in tasks]) for n in masks.names}  # (T, *P)
+
+    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt):
+        # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …)
+        kwargs = {"prompt": prompt}
+        if self.task_ids:
+            kwargs["task"] = task.expand(states.shape[0])
+        if params is None:
+            return self.model(states, actions, rtg, timesteps, mask, **kwargs)
+        return functional_call(self.model, params, (states, actions, rtg, timesteps, mask), kwargs)
+
+    @torch.inference_mode()
+    def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
+        """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+        t, n = states.shape[:2]
+        prompt = None
+        if self.prompt is not None:
+            prompt = tuple(p[:, None].expand(-1, n, *p.shape[1:]) for p in self.prompt)  # (T, n, K*, ·)
+        if self.stacked is None:  # dense: the grid is one batch
+            flat = lambda x: x.reshape(t * n, *x.shape[2:])  # noqa: E731
+            kwargs = {"prompt": tuple(flat(p) for p in prompt) if prompt is not None else None}
+            if self.task_ids:
+                kwargs["task"] = self.tasks.repeat_interleave(n)
+            out = self.model(flat(states), flat(actions), flat(rtg), flat(timesteps), flat(mask), **kwargs)
+            return out.reshape(t, n, *out.shape[1:])[:, :, -1]
+        out = vmap(self._one)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask, prompt)
+        return out[:, :, -1]  # (T, n, A)
+
+
+def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task_index: Sequence[int],
+             episode_ids: Sequence[int], *, seed: int, state_mean: np.ndarray, state_std: np.ndarray,
+             rtg_target: np.ndarray, reward_scale: float, context: int, max_steps: int,
+             stop_on_success: bool, act_dim: int = 4) -> EvalReport:
+    """Play one episode in every env of the (T, n) grid, all stepping together.
+
+    ``envs[i][j]`` plays episode ``episode_ids[j]`` of task ``task_names[i]``. ``state_mean``/
+    ``state_std``/``rtg_target`` have one row per grid row.
+    """
+    t_rows, n = len(envs), len(envs[0])
+    obs_dim = state_mean.shape[-1]
+    states = np.zeros((t_rows, n, max_steps, obs_dim), np.float32)
+    actions = np.zeros((t_rows, n, max_steps, act_dim), np.float32)
+    rtg = np.zeros((t_rows, n, max_steps, 1), np.float32)
+    ret = np.zeros((t_rows, n))
+    success = np.zeros((t_rows, n), bool)
+    done = np.zeros((t_rows, n), bool)
+    steps = np.zeros((t_rows, n), np.int64)
+    seeds = np.zeros((t_rows, n), np.int64)
+    mean, std = state_mean[:, None].astype(np.float32), state_std[:, None].astype(np.float32)
+    for i in range(t_rows):
+        for j in range(n):
+            seeds[i, j] = episode_seed(seed, task_index[i], episode_ids[j])
+            envs[i][j].seed(int(seeds[i, j]))
+            obs, _ = envs[i][j].reset()
+            states[i, j, 0] = obs
+    states[:, :, 0] = (states[:, :, 0] - mean) / std
+    rtg[:, :, 0, 0] = (rtg_target / reward_scale)[:, None]
+    report = EvalReport([])
+    for t in range(max_steps):
+        lo = max(0, t + 1 - context)
+        k = t + 1 - lo
+        pad = context - k
+        # (T, n, K, ·) windows of the last K steps, left-padded; the current action is still zero
+        win = lambda x: np.concatenate([np.zeros((t_rows, n, pad, x.shape[-1]), np.float32), x[:, :, lo:t + 1]], 2)  # noqa: E731
+        timesteps = np.concatenate([np.zeros(pad, np.int64), np.arange(lo, t + 1)])
+        mask = np.concatenate([np.zeros(pad, bool), np.ones(k, bool)])
+        t0 = time.perf_counter()
+        act = policy(torch.from_numpy(win(states)), torch.from_numpy(win(actions)), torch.from_numpy(win(rtg)),
+                     torch.from_numpy(np.broadcast_to(timesteps, (t_rows, n, context)).copy()),
+                     torch.from_numpy(np.broadcast_to(mask, (t_rows, n, context)).copy()))
+        act = np.clip(act.float().cpu().numpy(), -1.0, 1.0)  # (T, n, A)
+        t1 = time.perf_counter()
+        actions[:, :, t] = act
+        for i in range(t_rows):
+            for j in range(n):
+                if done[i, j]:
+                    continue
+                obs, r, _, _, info = envs[i][j].step(act[i, j])
+                report.env_steps += 1
+                ret[i, j] += r
+                steps[i, j] += 1
+                success[i, j] |= bool(info["success"])
+                if t + 1 < max_steps:
+                    states[i, j, t + 1] = (obs - mean[i, 0]) / std[i, 0]
+                    rtg[i, j, t + 1, 0] = rtg[i, j, t, 0] - r / reward_scale
+                if stop_on_success and success[i, j]:
+                    done[i, j] = True
+        report.policy_s += t1 - t0
+        report.sim_s += time.perf_counter() - t1
+        if done.all():
+            break
+    for i in range(t_rows):
+        for j in range(n):
+            report.episodes.append(EpisodeResult(task_names[i], int(episode_ids[j]), int(seeds[i, j]),
+                                                 bool(success[i, j]), float(ret[i, j]), int(steps[i, j])))
+    return report

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "mask-update": "maskmtl.bench:mask_update",
     "score-stability": "recipes.digits.bench:score_stability",
     "sampler": "recipes.metaworld.bench:sampler",
+    "eval": "recipes.harmodt.bench:eval",
 }
 
 

@@ -371,8 +371,8 @@ class _EpisodeProgress:
     def __enter__(self):
         self.t0 = time.perf_counter()
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("episodes"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)

@@ -92,9 +92,14 @@ class GenerationSpec:
         if self.transitions_per_task % self.episode_length or self.transitions_per_task < 2 * self.episode_length:
             raise ValueError(f"data.transitions_per_task={self.transitions_per_task} must be a multiple of "
                              f"data.episode_length={self.episode_length} and cover at least 2 episodes")
-        unknown = set(self.curriculum.learn_end) ^ {"easy", "medium", "hard", "very_hard"}
+        c = self.curriculum
+        unknown = set(c.learn_end) ^ {"easy", "medium", "hard", "very_hard"}
         if unknown:
             raise ValueError(f"data.curriculum.learn_end must give easy, medium, hard, very_hard; differs in {unknown}")
+        bad = {k: v for k, v in c.learn_end.items() if not c.random_fraction < v <= 1}
+        if bad or not 0 <= c.random_fraction < 1:
+            raise ValueError(f"data.curriculum: need 0 <= random_fraction ({c.random_fraction}) < learn_end <= 1; "
+                             f"learn_end out of range: {bad}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "GenerationSpec":
@@ -366,8 +371,8 @@ class _EpisodeProgress:
     def __enter__(self):
         self.t0 = time.perf_counter()
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("episodes"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)

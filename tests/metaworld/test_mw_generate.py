@@ -38,6 +38,8 @@ def test_spec_checks():
         GenerationSpec(transitions_per_task=350, episode_length=60)
     with pytest.raises(ValueError, match="data.composition='expert'"):
         GenerationSpec(composition="expert")
+    with pytest.raises(ValueError, match=r"learn_end out of range: \{'easy': 0.01\}"):
+        GenerationSpec(curriculum=Curriculum(learn_end={"easy": 0.01, "medium": 0.4, "hard": 0.5, "very_hard": 0.6}))
     node = {"composition": "near_optimal", "transitions_per_task": 360, "episode_length": 60, "seed": 3,
             "curriculum": {"offset_std": 0, "learn_end": {"easy": 1, "medium": 0.4, "hard": 0.5, "very_hard": 0.6}}}
     as_ints = GenerationSpec.from_config(node)

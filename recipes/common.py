@@ -87,7 +87,7 @@ def chosen_options(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None}
 
 
-def write_results(out: Path, cfg: DictConfig, *, per_task: Mapping[str, Mapping[str, float]], headline: str,
+def write_results(out: Path, cfg: DictConfig, *, tasks: list[str], per_task: Mapping[str, Mapping[str, float]], headline: str,
                   steps: int, wall_time_s: float, extra: Mapping[str, Any] | None = None) -> dict:
     """Write ``results.json`` (output contract) and return it."""
     means = {}
@@ -97,7 +97,7 @@ def write_results(out: Path, cfg: DictConfig, *, per_task: Mapping[str, Mapping[
         "recipe": cfg.recipe_name,
         "options": chosen_options(cfg),
         "seed": int(cfg.seed),
-        "tasks": list(cfg.tasks),
+        "tasks": list(tasks),
         "per_task": {k: dict(v) for k, v in per_task.items()},
         "mean": means,
         "headline": {"name": headline, "value": means[headline]},

@@ -77,3 +77,13 @@ def test_unknown_option_is_refused():
 
     with pytest.raises(MissingConfigException, match="scorer"):
         compose_cfg("scorer=nope")
+
+
+@pytest.mark.parametrize("overlay,option", [(g, o) for g in ("method", "profile") for o in options(g)])
+def test_harmodt_overlays_compose(overlay, option):
+    cfg = compose_cfg("recipe=harmodt", f"{overlay}={option}")
+    if overlay == "method":
+        assert cfg.method_name == option
+        assert cfg.model.task_id == (option == "mtdt") and cfg.model.prompt == (option != "mtdt")
+    for group in GROUPS:
+        build(cfg[group], group, **({"total_steps": 100} if group == "scheduler" else {}))

@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> dict | None:
                     extra={"wall_time_s": wall})
     print_table(f"digits: test metrics after {steps} steps", final)
     results = write_results(
-        out, cfg, per_task=final, headline="accuracy", steps=steps, wall_time_s=wall,
+        out, cfg, tasks=tasks, per_task=final, headline="accuracy", steps=steps, wall_time_s=wall,
         extra={"task_to_group": masks.task_to_group, "density": masks.density().tolist(),
                "resumed_from": start if ckpt is not None else None},
     )

@@ -1,0 +1,211 @@
+"""HarmoDT recipe: a Prompt Decision Transformer on Meta-World offline data, with per-task masks.
+
+    python tools/run.py recipe=harmodt                          # HarmoDT-F on the embedded CPU data
+    python tools/run.py recipe=harmodt method=prompt_dt         # dense Prompt-DT, same code path
+    python tools/run.py recipe=harmodt method=mtdt              # task-id embedding, no prompt, dense
+    python tools/run.py recipe=harmodt method=harmodt_r         # frozen random masks
+    python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
+from maskmtl.config import ConfigError, Masking, choose_device
+from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.targets import print_target_report, target_report_rows
+from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, print_table,
+                            resume_point, run_dir, seed_everything, training_progress, write_results)
+from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
+from recipes.harmodt.model import PromptDT
+from recipes.metaworld.make_data import ensure_dataset, smoke_data
+from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
+
+
+def make_loss_fn(use_prompt: bool, task_id: bool):
+    def loss_fn(forward, task: int, batch: dict) -> torch.Tensor:
+        """MSE of predicted actions over the real (unpadded) steps of the segments."""
+        prompt = None
+        if use_prompt:
+            prompt = (batch["prompt_states"], batch["prompt_actions"], batch["prompt_returns_to_go"],
+                      batch["prompt_timesteps"], batch["prompt_mask"])
+        pred = forward(batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"],
+                       prompt=prompt, task=batch["task"] if task_id else None)  # (B, K, A)
+        err = (pred - batch["actions"]).square().mean(-1)  # (B, K)
+        return err[batch["mask"]].mean()
+    return loss_fn
+
+
+def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
+             rtg_target: np.ndarray, envs: list[list], device) -> EvalReport:
+    """``ev["episodes"]`` episodes of every task, ``ev["parallel"]`` at a time per task."""
+    tasks = sampler.tasks
+    rows = list(range(len(tasks)))
+    prompt = None
+    if cfg.model.prompt:
+        b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
+        prompt = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
+                  b["prompt_mask"])
+    was_training = model.training
+    model.eval()
+    masks = masking.masks
+    dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
+    policy = GridPolicy(model, rows, None if dense else masks, prompt, task_ids=cfg.model.task_id)
+    report = EvalReport([])
+    n = ev["parallel"]
+    for first in range(0, ev["episodes"], n):
+        episodes = list(range(first, min(first + n, ev["episodes"])))
+        part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, rows, episodes, seed=ev["seed"],
+                        state_mean=sampler.state_mean, state_std=sampler.state_std, rtg_target=rtg_target,
+                        reward_scale=sampler.config.reward_scale, context=sampler.config.context,
+                        max_steps=ev["max_steps"], stop_on_success=ev["stop_on_success"])
+        report.episodes += part.episodes
+        report.policy_s += part.policy_s
+        report.sim_s += part.sim_s
+        report.env_steps += part.env_steps
+    model.train(was_training)
+    return report.summarise()
+
+
+def run(cfg: DictConfig) -> dict | None:
+    # ------------------------------------------------------------------ build
+    t_start = time.perf_counter()
+    check_train_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    out = run_dir()
+    # smoke: two tasks of short episodes (smoke_data), a 1-layer d=32 model, one 40-step episode per task
+    data_node = smoke_data(cfg.data) if cfg.smoke else cfg.data
+    ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if cfg.smoke else {})
+    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+    if not 1 <= ev["max_steps"] <= 500:
+        raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
+    dataset = ensure_dataset(data_node, cfg.data_root)
+    sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
+    tasks = list(dataset.tasks)
+    if m["prompt"] and sampler.config.prompt_length < 1:
+        raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+    # return-to-go target per task: a quantile of that task's episode returns (experts differ widely)
+    rtg_target = np.array([np.quantile(dataset[t].episode_returns(), cfg.eval.rtg_quantile) for t in tasks])
+    model = PromptDT(dataset.obs_dim, dataset.act_dim, d_model=m["d_model"], n_layer=m["n_layer"],
+                     n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
+                     max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
+                     n_tasks=len(tasks) if m["task_id"] else 0).to(device)
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masks = masking.masks
+    print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    if cfg.dry_run:
+        return None
+    if masking.needs_grouping:
+        raise ConfigError("grouper: the harmodt recipe trains one mask per task (grouper=none); "
+                          "grouped masks are the g_harmodt recipe's")
+    optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    loss_fn = make_loss_fn(m["prompt"], m["task_id"])
+    gens = {"tasks": make_generator(cfg.seed, 3)}
+    rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
+    start, wall_before, best = 0, 0.0, None
+    ckpt = resume_point(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                map_location=device)
+        start, extra = state["step"], state["extra"]
+        wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
+        for k, r in rngs.items():
+            r.bit_generator.state = extra["numpy_rngs"][k]
+        print(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+    envs = None  # built at the first evaluation, reused after
+
+    def batch_for(task: int, rng: np.random.Generator) -> dict:
+        return sampler.sample_task(task, cfg.train.batch_size, rng).to_torch(device)
+
+    def score_batches(task: int):
+        return [batch_for(task, rngs["scores"]) for _ in range(cfg.masking.grad_batches)]
+
+    def extra_state():
+        return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
+                "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()}}
+
+    def lr_at(step: int) -> float:  # linear warm-up, then constant (spec §8)
+        return cfg.train.lr * min(1.0, step / max(1, cfg.train.warmup_steps))
+
+    # ------------------------------------------------------------------ train
+    model.train()
+    with training_progress(cfg.train.steps, start) as progress:
+        for step in range(start + 1, cfg.train.steps + 1):
+            task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
+            for pg in optimizer.param_groups:
+                pg["lr"] = lr_at(step)
+            loss = loss_fn(masking.model.bind(task), task, batch_for(task, rngs["data"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step(group=masks.group_of(task))
+            metrics = {}
+
+            # -------------------------------------------------- mask update (Algorithm 2)
+            if masking.updater.due(step):
+                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+
+            if step % cfg.train.log_every == 0:
+                metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step)})
+
+            # -------------------------------------------------- evaluate
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                if envs is None:
+                    from recipes.metaworld.generate import make_env
+                    envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+                rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
+                metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
+                metrics.update({"eval/mean_success": mean_success, "time/eval_policy_s": rep.policy_s,
+                                "time/eval_sim_s": rep.sim_s})
+                if best is None or mean_success > best["mean_success"]:
+                    best = {"step": step, "mean_success": mean_success, "per_task": rep.per_task}
+            if metrics:
+                log.log(step, metrics)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
+                                generators=gens, extra=extra_state())
+            progress.advance(loss=loss.item())
+            kill_point(step)
+
+    # ------------------------------------------------------------------ finish
+    log.close()
+    if envs is None:
+        from recipes.metaworld.generate import make_env
+        envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+    final = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+    final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
+    if best is None or final_mean > best["mean_success"]:
+        best = {"step": cfg.train.steps, "mean_success": final_mean, "per_task": final.per_task}
+    log = MetricsLog(out / METRICS)
+    log.log(cfg.train.steps, {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
+            | {"eval/mean_success": final_mean})
+    log.close()
+    save_masks(masks, out / MASKS)
+    save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
+                    generators=gens, extra=extra_state())
+    per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
+                for t, v in final.per_task.items()}
+    print_table(f"harmodt ({cfg.method_name}): success after {cfg.train.steps} steps "
+                f"(best = the evaluation with the highest mean success)", per_task)
+    results = write_results(
+        out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=cfg.train.steps,
+        wall_time_s=extra_state()["wall_time_s"],
+        extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, rtg_target.tolist())),
+               "episodes": [e.__dict__ for e in final.episodes], "density": masks.density().tolist(),
+               "resumed_from": start if ckpt is not None else None},
+    )
+    plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
+    print(f"results: {out / 'results.json'}")
+    return results

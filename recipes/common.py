@@ -215,3 +215,50 @@ def kill_point(step: int) -> None:
 
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:
+    """Mask density per target and task (heatmap) and a t-SNE of the tasks' masks (Jaccard
+    distances between the flattened masks; papers' Fig. 5 / 7a). The t-SNE needs >= 4 tasks."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maskmtl.masks import atomic_write_bytes
+
+    tasks, names = masks.tasks, masks.names
+    rows = [masks.for_task(t) for t in range(len(tasks))]
+    dens = np.array([[float(r[n].float().mean()) for n in names] for r in rows])  # (N, targets)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    im = axes[0].imshow(dens.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axes[0].set_yticks(range(len(names)), [n if len(n) < 40 else "…" + n[-38:] for n in names], fontsize=6)
+    axes[0].set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
+    axes[0].set_title("mask density per target and task")
+    fig.colorbar(im, ax=axes[0], fraction=0.03)
+    if len(tasks) >= 4:
+        from sklearn.manifold import TSNE
+
+        flat = torch.stack([torch.cat([r[n].flatten() for n in names]) for r in rows]).float()  # (N, |θ|)
+        inter = flat @ flat.T
+        union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
+        dist = (1 - inter / union.clamp_min(1)).numpy().astype(np.float64)
+        np.fill_diagonal(dist, 0.0)
+        xy = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed,
+                  perplexity=min(5.0, len(tasks) - 1.0)).fit_transform(dist)
+        groups = np.array([masks.group_of(t) for t in range(len(tasks))])
+        axes[1].scatter(xy[:, 0], xy[:, 1], c=groups, cmap="tab10", s=30)
+        for (x, y), name in zip(xy, tasks):
+            axes[1].annotate(name.removesuffix("-v3"), (x, y), fontsize=6)
+        axes[1].set_title("t-SNE of task masks (Jaccard distance), colour = group")
+    else:
+        axes[1].text(0.5, 0.5, "t-SNE needs at least 4 tasks", ha="center", va="center")
+        axes[1].set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())

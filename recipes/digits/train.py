@@ -19,8 +19,8 @@ from maskmtl.config import ConfigError, Masking, choose_device
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, print_table, resume_point, run_dir,
-                            seed_everything, training_progress, write_results)
+from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, plot_masks,
+                            print_table, resume_point, run_dir, seed_everything, training_progress, write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
 
@@ -144,5 +144,6 @@ def run(cfg: DictConfig) -> dict | None:
                "resumed_from": start if ckpt is not None else None},
     )
     plot_curves(out / METRICS, out / "curves.png", title=f"digits ({', '.join(f'{k}={v}' for k, v in results['options'].items() if k != 'recipe')})")
+    plot_masks(masks, out / "masks.png", title=f"digits seed {cfg.seed}", seed=cfg.seed)
     print(f"results: {out / 'results.json'}")
     return results

@@ -19,8 +19,8 @@ from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking, choose_device
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, print_table,
-                            resume_point, run_dir, seed_everything, training_progress, write_results)
+from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, plot_masks,
+                            print_table, resume_point, run_dir, seed_everything, training_progress, write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
 from recipes.metaworld.make_data import ensure_dataset, smoke_data
@@ -207,5 +207,6 @@ def run(cfg: DictConfig) -> dict | None:
                "resumed_from": start if ckpt is not None else None},
     )
     plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
+    plot_masks(masks, out / "masks.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}", seed=cfg.seed)
     print(f"results: {out / 'results.json'}")
     return results

@@ -40,14 +40,23 @@ class CausalTransformer(nn.Module):
         return self.out(self.body(h, mask=causal, is_causal=True))  # (B, T, d_out)
 
 
-def _setup(d_model, n_layer, n_tasks, density, seed):
+def _masked_setup(make_model, include, exclude, n_tasks, density, seed):
     torch.manual_seed(seed)
-    model = CausalTransformer(d_model=d_model, n_layer=n_layer)
-    targets = select_targets(model, r".*weight", exclude=r".*norm.*")
+    model = make_model()
+    targets = select_targets(model, include, exclude=exclude)
     shapes = {t.name: t.shape for t in targets}
     masks = MaskSet(ERKInitializer(density).init_masks(shapes, n_tasks, torch.Generator().manual_seed(seed)),
                     [f"task{i}" for i in range(n_tasks)])
     return model, masks
+
+
+def _transformer(d_model, n_layer):
+    return lambda: CausalTransformer(d_model=d_model, n_layer=n_layer)
+
+
+def _regression_batches(batch, seq, seed, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, seq, 43, generator=g), torch.randn(batch, seq, 4, generator=g)) for _ in range(n)]
 
 
 def _loss(forward, task, batch):
@@ -55,32 +64,31 @@ def _loss(forward, task, batch):
     return (forward(x) - y).square().mean()
 
 
-def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, n_tasks: int = 10,
-                density: float = 0.8, reps: int = 15, rounds: int = 4, threads: int | None = None, seed: int = 0) -> dict:
-    """Median time of one training step (forward, backward, optimizer), masked vs dense.
+GENERIC_TARGETS = (r".*weight", r".*norm.*")
 
-    Dense: the plain module and ``torch.optim.AdamW``. Masked: ``MaskedModel`` (θ⊙M through
-    functional_call) and ``MaskedAdamW`` with a different task's mask each step.
-    """
+
+def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, density=0.8, reps=15,
+                  rounds=4, threads=None, seed=0) -> dict:
+    """Median time of one training step (forward, backward, optimizer), masked vs dense, for any
+    model: dense = the plain module with ``torch.optim.AdamW``; masked = ``MaskedModel`` (θ⊙M
+    through functional_call) with ``MaskedAdamW``, a different task's mask each step."""
     if threads:
         torch.set_num_threads(threads)
-    model, masks = _setup(d_model, n_layer, n_tasks, density, seed)
-    dense_model, _ = _setup(d_model, n_layer, n_tasks, density, seed)
+    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
+    dense_model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4)
     dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch, seq, 43, generator=g), torch.randn(batch, seq, 4, generator=g)) for _ in range(8)]
 
     def dense_step(i):
         dense_opt.zero_grad(set_to_none=True)
-        _loss(dense_model, 0, data[i % 8]).backward()
+        loss_fn(dense_model, i % n_tasks, batches[i % len(batches)]).backward()
         dense_opt.step()
 
     def masked(i):
         task = i % n_tasks
         opt.zero_grad(set_to_none=True)
-        _loss(mm.bind(task), task, data[i % 8]).backward()
+        loss_fn(mm.bind(task), task, batches[i % len(batches)]).backward()
         opt.step(group=task)
 
     def timed(fn, i):
@@ -108,8 +116,6 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
         "params": sum(p.numel() for p in model.parameters()),
         "maskable": masks.numel(),
         "tasks": n_tasks,
-        "batch": batch,
-        "seq": seq,
         "threads": torch.get_num_threads(),
         "dense_step_ms": 1000 * d,
         "masked_step_ms": 1000 * m,
@@ -119,23 +125,27 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
     }
 
 
-def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, n_tasks: int = 10,
-                grad_batches: int = 1, alpha: int = 100, update_every: int = 5000, density: float = 0.8,
-                recovery: str = "dense", reps: int = 20, threads: int | None = None, seed: int = 0) -> dict:
+def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, **kw) -> dict:
+    """``compare_steps`` on a generic 1.2 M-parameter causal transformer (no recipe needed)."""
+    return {"model": f"causal transformer d={d_model} layers={n_layer}", "batch": batch, "seq": seq,
+            **compare_steps(_transformer(d_model, n_layer), _regression_batches(batch, seq, kw.get("seed", 0)), _loss,
+                            include=GENERIC_TARGETS[0], exclude=GENERIC_TARGETS[1], **kw)}
+
+
+def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, grad_batches=1, alpha=100,
+                     update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0) -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
     masked training step, and amortised over ``update_every`` steps as a % of training time."""
     if threads:
         torch.set_num_threads(threads)
-    model, masks = _setup(d_model, n_layer, n_tasks, density, seed)
+    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch, seq, 43, generator=g), torch.randn(batch, seq, 4, generator=g)) for _ in range(4)]
     upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery)
 
     def step(i):
         opt.zero_grad(set_to_none=True)
-        _loss(mm.bind(i % n_tasks), i % n_tasks, data[i % 4]).backward()
+        loss_fn(mm.bind(i % n_tasks), i % n_tasks, batches[i % len(batches)]).backward()
         opt.step(group=i % n_tasks)
 
     for i in range(5):
@@ -146,7 +156,7 @@ def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
         step(i)
         step_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    metrics = upd.update(update_every, model, masks, _loss, lambda t: data[:grad_batches], optimizer=opt)
+    metrics = upd.update(update_every, model, masks, loss_fn, lambda t: batches[:grad_batches], optimizer=opt)
     t_update = time.perf_counter() - t0
     s = statistics.median(step_times)
     return {
@@ -162,3 +172,10 @@ def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
         "update_every": update_every,
         "target_pct": 2.0,
     }
+
+
+def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, **kw) -> dict:
+    """``time_mask_update`` on the generic causal transformer."""
+    return {"model": f"causal transformer d={d_model} layers={n_layer}",
+            **time_mask_update(_transformer(d_model, n_layer), _regression_batches(batch, seq, kw.get("seed", 0), 4),
+                               _loss, include=GENERIC_TARGETS[0], exclude=GENERIC_TARGETS[1], **kw)}

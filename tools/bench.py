@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name -> "module:function"; the function takes the parsed extra options (dict) and returns a dict.
 BENCHMARKS = {
-    "masked-step": "maskmtl.bench:masked_step",
-    "mask-update": "maskmtl.bench:mask_update",
+    "masked-step": "recipes.harmodt.bench:masked_step",      # the Prompt-DT (issue 7's model)
+    "mask-update": "recipes.harmodt.bench:mask_update",      # the Prompt-DT, 50 tasks
+    "masked-step-generic": "maskmtl.bench:masked_step",      # a generic transformer, core only
+    "mask-update-generic": "maskmtl.bench:mask_update",
     "score-stability": "recipes.digits.bench:score_stability",
     "sampler": "recipes.metaworld.bench:sampler",
     "eval": "recipes.harmodt.bench:eval",

@@ -57,3 +57,48 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
         "sequential_policy_share": seq_policy / (seq_policy + seq_sim),
         "target_speedup_cpu": 1.5,
     }
+
+
+def _dt_batches(batch: int, context: int, prompt_length: int, seed: int, n: int = 8) -> list[dict]:
+    """Synthetic Prompt-DT batches with the real shapes (timing needs shapes, not data)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def part(k):
+        return {"states": torch.randn(batch, k, 39, generator=g), "actions": torch.rand(batch, k, 4, generator=g) * 2 - 1,
+                "returns_to_go": torch.rand(batch, k, 1, generator=g), "timesteps": torch.randint(480, (batch, k), generator=g),
+                "mask": torch.ones(batch, k, dtype=torch.bool)}
+
+    out = []
+    for _ in range(n):
+        b, p = part(context), part(prompt_length)
+        b.update({f"prompt_{k}": v for k, v in p.items()}, task=torch.zeros(batch, dtype=torch.long))
+        out.append(b)
+    return out
+
+
+DT_TARGETS = (r".*\.weight", r".*(ln|norm|timestep).*")  # as conf/recipe/harmodt.yaml
+
+
+def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: int = 20, prompt_length: int = 5,
+                **kw) -> dict:
+    """Masked vs dense training step of the Prompt-DT (paper size by default), interleaved."""
+    from maskmtl.bench import compare_steps
+    from recipes.harmodt.train import make_loss_fn
+
+    return {"model": f"PromptDT d={d_model} layers={n_layer}", "batch": batch, "tokens": 3 * (context + prompt_length),
+            **compare_steps(lambda: PromptDT(39, 4, d_model=d_model, n_layer=n_layer),
+                            _dt_batches(batch, context, prompt_length, kw.get("seed", 0)), make_loss_fn(True, False),
+                            include=DT_TARGETS[0], exclude=DT_TARGETS[1], **kw)}
+
+
+def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: int = 20, prompt_length: int = 5,
+                n_tasks: int = 50, **kw) -> dict:
+    """One full mask update of the Prompt-DT for N tasks (default 50, MT50) vs one training step."""
+    from maskmtl.bench import time_mask_update
+    from recipes.harmodt.train import make_loss_fn
+
+    return {"model": f"PromptDT d={d_model} layers={n_layer}", "batch": batch,
+            **time_mask_update(lambda: PromptDT(39, 4, d_model=d_model, n_layer=n_layer),
+                               _dt_batches(batch, context, prompt_length, kw.get("seed", 0), 4),
+                               make_loss_fn(True, False), include=DT_TARGETS[0], exclude=DT_TARGETS[1],
+                               n_tasks=n_tasks, **kw)}

@@ -45,6 +45,13 @@ class MaskedModel:
         if missing:
             raise KeyError(f"masks name parameters the model does not have: {missing}")
         self.params = {n: params[n] for n in masks.names}
+        # Every name under which a target is registered (tied weights have several). Substituting
+        # all of them ourselves lets functional_call skip its per-call search for tied weights.
+        self.aliases: dict[str, list[str]] = {n: [] for n in masks.names}
+        by_id = {id(p): n for n, p in self.params.items()}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in by_id:
+                self.aliases[by_id[id(p)]].append(name)
 
     def masked_params(self, group: int, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Target name -> ``θ ⊙ M_group`` (differentiable w.r.t. θ; zero outside the mask)."""
@@ -55,7 +62,9 @@ class MaskedModel:
         """Forward with group ``group``'s masks; ``None`` runs the dense model."""
         if group is None:
             return self.model(*args, **kwargs)
-        return functional_call(self.model, self.masked_params(group), args, kwargs)
+        masked = self.masked_params(group)
+        weights = {alias: w for n, w in masked.items() for alias in self.aliases[n]}
+        return functional_call(self.model, weights, args, kwargs, tie_weights=False)
 
     def __call__(self, task: int | str, *args, **kwargs) -> Any:
         """Forward for ``task`` (index or name) with its group's masks."""
@@ -118,6 +127,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for pg in self.param_groups:
             lr, (b1, b2), eps, wd = pg["lr"], pg["betas"], pg["eps"], pg["weight_decay"]
+            dense: dict[float, list] = {}  # step count -> [params, grads, exp_avgs, exp_avg_sqs]
             for p in pg["params"]:
                 if p.grad is None:
                     continue
@@ -125,25 +135,32 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state = self._state_for(p)
                 state["step"] += 1
                 t = state["step"].item()
-                bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 name = self._name[id(p)]
                 m = self.masks[name][group] if (group is not None and name in self.masks.names) else None
-                if m is None:
-                    p.mul_(1 - lr * wd)
-                    exp_avg.lerp_(g, 1 - b1)
-                    exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-                    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+                if m is None:  # batched below with foreach kernels, like torch's AdamW
+                    for lst, x in zip(dense.setdefault(t, [[], [], [], []]), (p, g, exp_avg, exp_avg_sq)):
+                        lst.append(x)
                     continue
-                # Moments: m += (1-β1)(g - m) and v += (1-β2)(g² - v), each delta zeroed outside M.
-                # x + 0 is exactly x, so entries outside M keep their moments bit for bit.
-                exp_avg.add_((g - exp_avg).mul_(1 - b1).mul_(m))
-                exp_avg_sq.add_(torch.addcmul(exp_avg_sq, g, g, value=-1.0).mul_(b2 - 1).mul_(m))
-                # Parameter: p -= lr·(m̂/(√v̂+ε) + wd·p), the whole update zeroed outside M.
-                upd = exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-                upd.mul_(lr / bc1).add_(p, alpha=lr * wd).mul_(m)
-                p.sub_(upd)
+                bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+                mf = m.to(p.dtype)  # 1 inside M, 0 outside; each delta below is multiplied by it
+                # Moments: m += (1-β1)·M·(g - m) and v += (1-β2)·M·(g² - v). x + 0 is exactly x,
+                # so entries outside M keep their moments bit for bit.
+                exp_avg.addcmul_(mf, g - exp_avg, value=1 - b1)
+                exp_avg_sq.addcmul_(mf, torch.addcmul(exp_avg_sq, g, g, value=-1.0), value=b2 - 1)
+                # Parameter: p -= lr·M·(m̂/(√v̂+ε) + wd·p), with m̂ = m/bc1 and √v̂ = √v/√bc2.
+                upd = exp_avg / exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
+                p.addcmul_(mf, upd.add_(p, alpha=wd * bc1), value=-lr / bc1)
+            for t, (ps, gs, avgs, sqs) in dense.items():
+                bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+                torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_lerp_(avgs, gs, 1 - b1)
+                torch._foreach_mul_(sqs, b2)
+                torch._foreach_addcmul_(sqs, gs, gs, value=1 - b2)
+                denom = torch._foreach_sqrt(sqs)
+                torch._foreach_div_(denom, bc2_sqrt)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, avgs, denom, value=-lr / bc1)
         return loss
 
     @torch.no_grad()

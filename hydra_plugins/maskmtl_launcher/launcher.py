@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,17 @@ def _job_logs(job) -> str:
 
 
 class _GatheringLauncher(plugin.BaseSubmititLauncher if plugin else object):
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Runs inside the job. Hydra catches the task's exception into the JobReturn; print its
+        traceback so that the job's log file says why it failed."""
+        ret = super().__call__(*args, **kwargs)
+        if ret.status == JobStatus.FAILED:
+            import traceback
+
+            traceback.print_exception(ret._return_value, file=sys.stderr)
+            sys.stderr.flush()
+        return ret
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 

@@ -215,6 +215,12 @@ def preemption_signal() -> int:
     return getattr(signal, name)
 
 
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
 class Preemption:
     """Checkpoint at the next step boundary when the scheduler announces preemption or the time
     limit, then hand over to whoever handled the signal before (submitit: requeue the job, exit).
@@ -223,7 +229,9 @@ class Preemption:
     step, writes a checkpoint of that step and calls ``stop(step)``. The signal never interrupts a
     step half-done, and the requeued job resumes from exactly that step (``resume_point``). Outside
     submitit (a plain run, previous handler ``SIG_DFL``) ``stop`` exits with a message saying that the
-    same command resumes. A context manager: the previous handler is restored on exit.
+    same command resumes. A context manager around the training loop: leaving it by an exception
+    restores the previous handler; leaving it normally keeps ignoring the signal (logged), because the
+    run is then finishing, within seconds, and a requeue would only find a finished run folder.
     """
 
     def __init__(self) -> None:
@@ -231,6 +239,7 @@ class Preemption:
         self.requested = False
         self._previous: Any = None
         self._installed = False
+        self._finishing = False
 
     def __enter__(self) -> "Preemption":
         import signal
@@ -245,6 +254,8 @@ class Preemption:
         return self
 
     def _on_signal(self, signum, frame) -> None:
+        if self._finishing:
+            print(f"{signal_name(signum)} received while finishing the run: ignored", flush=True)
         self.requested = True
 
     def _restore(self) -> None:
@@ -256,9 +267,7 @@ class Preemption:
 
     def stop(self, step: int, checkpoint: Path) -> None:
         """Hand over after ``checkpoint`` (of ``step``) was written: never returns."""
-        import signal
-
-        name = signal.Signals(self.signum).name
+        name = signal_name(self.signum)
         print(f"step {step}: {name} received (preemption or time limit): checkpoint {checkpoint} written", flush=True)
         previous = self._previous
         self._restore()
@@ -266,8 +275,11 @@ class Preemption:
             previous(self.signum, None)
         raise SystemExit(f"stopped at step {step} on {name}; run the same command again to resume from {checkpoint}")
 
-    def __exit__(self, *exc) -> bool:
-        self._restore()
+    def __exit__(self, exc_type, *exc) -> bool:
+        if exc_type is None:
+            self._finishing = True
+        else:
+            self._restore()
         return False
 
 

@@ -159,3 +159,30 @@ def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(tmp_p
     logs = "".join(p.read_text() for p in (sweep / ".submitit" / job0).glob("*.out"))
     assert f"step {a['resumed_from']}: SIGUSR2 received" in logs and "Requeued job" in logs
     assert f"resumed from {sweep / '0' / 'checkpoint.pt'} at step {a['resumed_from']}" in logs
+
+
+def test_preemption_signal_outside_slurm_checkpoints_that_step_and_the_same_command_resumes(tmp_path):
+    """No scheduler needed: the process sends itself the preemption signal after step 13
+    (MASKMTL_PREEMPT_AT_STEP); the loop checkpoints at the next step boundary (14, between the
+    periodic checkpoints at 10 and 20), exits non-zero, and re-running resumes there to the result of
+    an uninterrupted run."""
+    common = [sys.executable, str(ROOT / "tools" / "run.py"), "recipe=digits", "debug=smoke", "train.steps=30",
+              "train.checkpoint_every=10", "train.task_sampling=uniform"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    run = lambda d, **e: subprocess.run([*common, f"hydra.run.dir={tmp_path / d}"], cwd=ROOT, env={**env, **e},  # noqa: E731
+                                        capture_output=True, text=True, timeout=300)
+    ref = subprocess.Popen([*common, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stopped = run("b", MASKMTL_PREEMPT_AT_STEP="13")
+        assert stopped.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
+        assert "step 14: SIGUSR2 received" in stopped.stdout
+        assert "run the same command again to resume" in stopped.stderr
+        resumed = run("b")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert ref.wait(timeout=300) == 0
+    finally:
+        ref.kill()
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert b["resumed_from"] == 14 and a["resumed_from"] is None
+    assert a["per_task"] == b["per_task"]

@@ -8,7 +8,7 @@ gathering their results. The jobs themselves are independent SLURM array tasks e
 
 Requeue: on SLURM's preemption/timeout signal submitit calls the launcher's ``checkpoint`` (inherited:
 resubmit the same job with the same overrides, hence the same run directory) and requeues the job;
-the recipe's loop saves a checkpoint first (``recipes.common.Preemption`` in maskmtl's recipes) and the requeued job
+the recipe's loop saves a checkpoint first (``recipes.common.Preemption``) and the requeued job
 resumes from it (``recipes.common.resume_point``).
 """
 

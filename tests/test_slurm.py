@@ -24,7 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONF = Path(os.environ.get("MASKMTL_SLURM_DIR", "/var/tmp/maskmtl-slurm")) / "etc" / "slurm.conf"
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +75,7 @@ def run_sweep(cmd: list[str], name: str, env: dict, timeout: float = 240) -> sub
     return p
 
 
+@pytest.mark.slow
 def test_sweep_of_four_jobs_through_slurm_and_report(tmp_path, slurm_env):
     sweep, name = tmp_path / "sweep", f"maskmtl-test-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -107,6 +107,7 @@ def test_sweep_of_four_jobs_through_slurm_and_report(tmp_path, slurm_env):
         assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_failed_job_is_reported_with_its_log_and_the_others_complete(tmp_path, slurm_env):
     sweep, name = tmp_path / "sweep", f"maskmtl-test-{uuid.uuid4().hex[:8]}"
     p = run_sweep(sweep_cmd(sweep, name, "train.task_sampling=round_robin,sometimes"), name, slurm_env)
@@ -127,6 +128,7 @@ def last_step(metrics: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(tmp_path, slurm_env):
     """Two identical jobs (seed=0,0); job 0 gets SLURM's preemption signal (USR2, as sent before a time
     limit) mid-run. It must checkpoint at that step (no periodic checkpoints: checkpoint_every=0),
@@ -161,6 +163,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(tmp_p
     assert f"resumed from {sweep / '0' / 'checkpoint.pt'} at step {a['resumed_from']}" in logs
 
 
+@pytest.mark.slow
 def test_preemption_signal_outside_slurm_checkpoints_that_step_and_the_same_command_resumes(tmp_path):
     """No scheduler needed: the process sends itself the preemption signal after step 13
     (MASKMTL_PREEMPT_AT_STEP); the loop checkpoints at the next step boundary (14, between the
@@ -186,3 +189,35 @@ def test_preemption_signal_outside_slurm_checkpoints_that_step_and_the_same_comm
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
     assert b["resumed_from"] == 14 and a["resumed_from"] is None
     assert a["per_task"] == b["per_task"]
+
+
+def test_preemption_handler_contract():
+    """In-process: the signal only sets a flag; stop() calls the previous handler (submitit's requeue)
+    and otherwise exits with a message; leaving the loop normally keeps absorbing the signal, leaving it
+    by an exception restores the previous handler."""
+    import signal
+
+    from recipes.common import Preemption, preemption_signal
+
+    sig = preemption_signal()
+    calls = []
+    previous = signal.signal(sig, lambda s, f: calls.append(s))
+    try:
+        with Preemption() as p:
+            assert not p.requested
+            os.kill(os.getpid(), sig)
+            assert p.requested and calls == []  # the previous handler is not run by the signal itself
+            with pytest.raises(SystemExit, match="stopped at step 7 on SIGUSR2"):
+                p.stop(7, Path("ckpt.pt"))
+            assert calls == [sig]  # handed over first
+        with pytest.raises(RuntimeError):
+            with Preemption():
+                raise RuntimeError
+        os.kill(os.getpid(), sig)
+        assert calls == [sig, sig]  # restored after the exception
+        with Preemption() as p:
+            pass
+        os.kill(os.getpid(), sig)
+        assert p.requested and calls == [sig, sig]  # finishing: absorbed
+    finally:
+        signal.signal(sig, previous)

@@ -203,18 +203,103 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     atomic_write_bytes(png, buf.getvalue())
 
 
+def preemption_signal() -> int:
+    """The signal a scheduler sends before preempting or timing out a job: submitit's (SIGUSR2
+    unless ``SUBMITIT_PREEMPT_SIGNAL`` names another, e.g. ``USR1``)."""
+    import os
+    import signal
+
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    if not hasattr(signal, name):
+        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={os.environ['SUBMITIT_PREEMPT_SIGNAL']!r} is not a signal name")
+    return getattr(signal, name)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+class Preemption:
+    """Checkpoint at the next step boundary when the scheduler announces preemption or the time
+    limit, then hand over to whoever handled the signal before (submitit: requeue the job, exit).
+
+    While active, the preemption signal only sets ``requested``; the training loop polls it once per
+    step, writes a checkpoint of that step and calls ``stop(step)``. The signal never interrupts a
+    step half-done, and the requeued job resumes from exactly that step (``resume_point``). Outside
+    submitit (a plain run, previous handler ``SIG_DFL``) ``stop`` exits with a message saying that the
+    same command resumes. A context manager around the training loop: leaving it by an exception
+    restores the previous handler; leaving it normally keeps ignoring the signal (logged), because the
+    run is then finishing, within seconds, and a requeue would only find a finished run folder.
+    """
+
+    def __init__(self) -> None:
+        self.signum = preemption_signal()
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+        self._finishing = False
+
+    def __enter__(self) -> "Preemption":
+        import signal
+        import threading
+
+        previous = signal.getsignal(self.signum)
+        # signal handlers can only be set from the main thread; an ignored signal stays ignored
+        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
+            self._previous = previous
+            signal.signal(self.signum, self._on_signal)
+            self._installed = True
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._finishing:
+            print(f"{signal_name(signum)} received while finishing the run: ignored", flush=True)
+        self.requested = True
+
+    def _restore(self) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def stop(self, step: int, checkpoint: Path) -> None:
+        """Hand over after ``checkpoint`` (of ``step``) was written: never returns."""
+        name = signal_name(self.signum)
+        print(f"step {step}: {name} received (preemption or time limit): checkpoint {checkpoint} written", flush=True)
+        previous = self._previous
+        self._restore()
+        if callable(previous):  # submitit's handler: dumps the job for requeue, requeues it, exits
+            previous(self.signum, None)
+        raise SystemExit(f"stopped at step {step} on {name}; run the same command again to resume from {checkpoint}")
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        if exc_type is None:
+            self._finishing = True
+        else:
+            self._restore()
+        return False
+
+
 KILL_ENV = "MASKMTL_KILL_AT_STEP"
+PREEMPT_ENV = "MASKMTL_PREEMPT_AT_STEP"
 
 
 def kill_point(step: int) -> None:
     """Fault injection for the kill-and-resume tests: when the environment variable
     ``MASKMTL_KILL_AT_STEP`` equals ``step``, the process kills itself with SIGKILL (no cleanup,
-    no final checkpoint), exactly like a job killed by the OS or the scheduler."""
+    no final checkpoint), exactly like a job killed by the OS or the scheduler. When
+    ``MASKMTL_PREEMPT_AT_STEP`` equals ``step`` it sends itself the preemption signal, as SLURM
+    does before a time limit."""
     import os
     import signal
 
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(PREEMPT_ENV) == str(step):
+        os.kill(os.getpid(), preemption_signal())
 
 
 def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:

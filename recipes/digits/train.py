@@ -19,8 +19,9 @@ from maskmtl.config import ConfigError, Masking, choose_device
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, plot_masks,
-                            print_table, resume_point, run_dir, seed_everything, training_progress, write_results)
+from recipes.common import (Preemption, check_train_config, kill_point, make_generator, next_task, plot_curves,
+                            plot_masks, print_table, resume_point, run_dir, seed_everything, training_progress,
+                            write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
 
@@ -91,7 +92,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ train
     model.train()
-    with training_progress(steps, start) as progress:
+    with training_progress(steps, start) as progress, Preemption() as preemption:
         for step in range(start + 1, steps + 1):
             task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
             group = masks.group_of(task)
@@ -124,9 +125,12 @@ def run(cfg: DictConfig) -> dict | None:
                 metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
             if metrics:
                 log.log(step, metrics)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
+            periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            if step < steps and (periodic or preemption.requested):  # preempted: checkpoint now, then requeue
                 save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
                                 generators=gens, extra={"wall_time_s": wall_before + time.perf_counter() - t_start})
+                if preemption.requested:
+                    preemption.stop(step, out / CHECKPOINT)
             progress.advance(loss=loss.item())
             kill_point(step)
 

@@ -19,8 +19,9 @@ from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking, choose_device
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (check_train_config, kill_point, make_generator, next_task, plot_curves, plot_masks,
-                            print_table, resume_point, run_dir, seed_everything, training_progress, write_results)
+from recipes.common import (Preemption, check_train_config, kill_point, make_generator, next_task, plot_curves,
+                            plot_masks, print_table, resume_point, run_dir, seed_everything, training_progress,
+                            write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
 from recipes.metaworld.make_data import ensure_dataset, smoke_data
@@ -139,7 +140,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ train
     model.train()
-    with training_progress(cfg.train.steps, start) as progress:
+    with training_progress(cfg.train.steps, start) as progress, Preemption() as preemption:
         for step in range(start + 1, cfg.train.steps + 1):
             task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
             for pg in optimizer.param_groups:
@@ -173,9 +174,12 @@ def run(cfg: DictConfig) -> dict | None:
                     best = {"step": step, "mean_success": mean_success, "per_task": rep.per_task}
             if metrics:
                 log.log(step, metrics)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+            periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            if step < cfg.train.steps and (periodic or preemption.requested):  # preempted: checkpoint now, requeue
                 save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
                                 generators=gens, extra=extra_state())
+                if preemption.requested:
+                    preemption.stop(step, out / CHECKPOINT)
             progress.advance(loss=loss.item())
             kill_point(step)
 

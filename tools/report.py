@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Aggregate a sweep's runs into the papers' table shape, with curves.
+
+    python tools/report.py multirun/digits/2026-01-01_12-00-00
+    python tools/report.py SWEEP --rows scorer --cols variant --metric accuracy
+
+Each run folder (one per job, found anywhere under SWEEP) is read from ``results.json`` when the
+run finished, else from the last evaluation in its ``metrics.jsonl`` (the run is then *partial*: still
+running, preempted, or failed). A run's factors are its config-group choices (``scorer=fisher``…),
+its command-line overrides (``train.steps=…``), ``seed`` and its task set (``tasks``).
+
+Table: rows = method (``--rows``; default: whichever of variant, scorer, initializer, scheduler,
+grouper vary over the sweep), columns = task set × data composition (``--cols``; default: every
+other factor that varies, except the seed), cell = mean ± sample std over seeds of the run's mean
+over tasks of ``--metric`` (default: the recipe's headline metric), with n. A cell holding partial
+runs is marked ``*``. Printed as a rich table; written (never overwriting anything) as Markdown,
+CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHOD_KEYS = ("variant", "scorer", "initializer", "scheduler", "grouper")
+NOT_FACTORS = {"seed", "recipe", "debug"}
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    factors: dict[str, str]
+    seed: str
+    tasks: list[str]
+    complete: bool
+    value: float | None = None           # mean over tasks of the metric (final, or last eval if partial)
+    step: int | None = None              # steps done (final) or step of the last evaluation
+    curve: dict[int, float] = field(default_factory=dict)  # step -> mean over tasks at each evaluation
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _load_yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _factors(run_dir: Path, results: dict | None) -> tuple[dict[str, str], str, list[str]]:
+    """(factors, seed, tasks) of a run: group choices + command-line overrides."""
+    factors: dict[str, str] = {}
+    seed, tasks = None, None
+    hydra_yaml, config_yaml = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "config.yaml"
+    if hydra_yaml.exists():
+        h = _load_yaml(hydra_yaml)["hydra"]
+        factors.update({k: str(v) for k, v in h["runtime"]["choices"].items()
+                        if not k.startswith("hydra") and v is not None})
+        for override in h["overrides"]["task"]:
+            key, _, value = override.lstrip("+~").partition("=")
+            if key == "seed":
+                seed = value
+            elif not key.startswith("hydra"):
+                factors.setdefault(key, value)
+    if config_yaml.exists():
+        cfg = _load_yaml(config_yaml)
+        seed = str(cfg.get("seed", seed))
+        tasks = cfg.get("tasks")
+    if results is not None:
+        factors.update({k: str(v) for k, v in results.get("options", {}).items()})
+        seed, tasks = str(results["seed"]), results["tasks"]
+    if seed is None or tasks is None:
+        raise ReportError(f"{run_dir}: neither results.json nor .hydra/config.yaml says its seed and tasks")
+    factors["tasks"] = "+".join(tasks)
+    return {k: v for k, v in factors.items() if k not in NOT_FACTORS}, seed, list(tasks)
+
+
+def _curve(metrics_path: Path, tasks: list[str], metric: str) -> dict[int, float]:
+    curve = {}
+    if not metrics_path.exists():
+        return curve
+    for line in metrics_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written by a running job
+            continue
+        vals = [row.get(f"eval/{t}/{metric}") for t in tasks]
+        if all(isinstance(v, (int, float)) for v in vals):
+            curve[int(row["step"])] = sum(vals) / len(vals)
+    return curve
+
+
+def find_run_dirs(sweep: Path) -> list[Path]:
+    found = {p.parent for name in ("results.json", "metrics.jsonl", ".hydra/config.yaml") for p in sweep.rglob(name)}
+    found = {d.parent if d.name == ".hydra" else d for d in found}
+    return sorted((d for d in found if ".submitit" not in d.parts and "reports" not in d.relative_to(sweep).parts),
+                  key=lambda d: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in d.relative_to(sweep).parts])
+
+
+def metric_name(sweep_runs: list[tuple[Path, dict | None]], requested: str | None) -> str:
+    if requested:
+        return requested
+    names = {r["headline"]["name"] for _, r in sweep_runs if r is not None}
+    if len(names) == 1:
+        return names.pop()
+    if len(names) > 1:
+        raise ReportError(f"runs have different headline metrics {sorted(names)}: choose one with --metric")
+    keys = set()  # only partial runs: metric names logged as eval/<task>/<name>
+    for d, _ in sweep_runs:
+        for line in (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").exists() else []:
+            keys |= {k.split("/", 2)[2] for k in json.loads(line) if k.count("/") == 2 and k.startswith("eval/")}
+    if len(keys) != 1:
+        raise ReportError(f"no finished run names the headline metric and the logs hold {sorted(keys) or 'none'}: "
+                          f"choose one with --metric")
+    return keys.pop()
+
+
+def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, list[str]]:
+    """All runs under ``sweep``, the metric used, and warnings (runs that could not be used)."""
+    if not sweep.is_dir():
+        raise ReportError(f"{sweep} is not a folder (expected a multirun folder, e.g. multirun/<recipe>/<time>)")
+    dirs = find_run_dirs(sweep)
+    if not dirs:
+        raise ReportError(f"{sweep} holds no run folders (no results.json, metrics.jsonl or .hydra/config.yaml)")
+    raw = [(d, json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else None) for d in dirs]
+    metric = metric_name(raw, metric)
+    runs, warnings = [], []
+    for d, results in raw:
+        factors, seed, tasks = _factors(d, results)
+        run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve(d / "metrics.jsonl", tasks, metric))
+        if results is not None:
+            if metric not in results["mean"]:
+                raise ReportError(f"{d / 'results.json'} has no metric {metric!r} (it has {sorted(results['mean'])})")
+            run.value, run.step = float(results["mean"][metric]), int(results["steps"])
+        elif run.curve:
+            run.step = max(run.curve)
+            run.value = run.curve[run.step]
+        else:
+            warnings.append(f"{d}: no results.json and no evaluation logged yet: left out")
+            continue
+        runs.append(run)
+    return runs, metric, warnings
+
+
+# ---------------------------------------------------------------------------------------------- table
+def default_keys(runs: list[Run], rows: list[str] | None, cols: list[str] | None) -> tuple[list[str], list[str]]:
+    varying = sorted({k for r in runs for k in r.factors if len({x.factors.get(k) for x in runs}) > 1})
+    present = {k for r in runs for k in r.factors}
+    for given, flag in ((rows, "--rows"), (cols, "--cols")):
+        for k in given or []:
+            if k not in present:
+                raise ReportError(f"{flag}: {k!r} is not a factor of these runs (factors: {sorted(present)})")
+    if rows is None:
+        rows = [k for k in METHOD_KEYS if k in varying] or [next((k for k in METHOD_KEYS if k in present), "tasks")]
+    if cols is None:
+        cols = [k for k in varying if k not in rows] or [k for k in ("tasks",) if k not in rows]
+    return rows, cols
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(runs: list[Run], rows: list[str], cols: list[str]) -> list[dict]:
+    """One dict per (row, column) cell: keys, mean, std (sample, over seeds), n, partial, seeds."""
+    cells: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = (tuple(r.factors.get(k, "-") for k in rows), tuple(r.factors.get(k, "-") for k in cols))
+        cells.setdefault(key, []).append(r)
+    out = []
+    for (rk, ck), rs in sorted(cells.items()):
+        mean, std = _stats([r.value for r in rs])
+        out.append({"row": dict(zip(rows, rk)), "col": dict(zip(cols, ck)), "mean": mean, "std": std, "n": len(rs),
+                    "partial": sum(not r.complete for r in rs), "seeds": sorted(r.seed for r in rs), "runs": rs})
+    return out
+
+
+def _label(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "all runs"
+
+
+def _cell_text(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    mark = "*" if c["partial"] else ""
+    return f"{c['mean']:.4f} ± {c['std']:.4f} (n={c['n']}){mark}"
+
+
+def table_grid(cells: list[dict]) -> tuple[list[str], list[str], dict]:
+    row_labels = list(dict.fromkeys(_label(c["row"]) for c in cells))
+    col_labels = list(dict.fromkeys(_label(c["col"]) for c in cells))
+    grid = {(_label(c["row"]), _label(c["col"])): c for c in cells}
+    return row_labels, col_labels, grid
+
+
+def markdown(cells: list[dict], title: str, notes: list[str]) -> str:
+    row_labels, col_labels, grid = table_grid(cells)
+    lines = [f"# {title}", "", "| method | " + " | ".join(col_labels) + " |", "|---|" + "---:|" * len(col_labels)]
+    for r in row_labels:
+        lines.append(f"| {r} | " + " | ".join(_cell_text(grid.get((r, c))) for c in col_labels) + " |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def csv_text(cells: list[dict], rows: list[str], cols: list[str], metric: str) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*rows, *cols, "metric", "mean", "std", "n", "n_partial", "seeds", "runs"])
+    for c in cells:
+        w.writerow([*c["row"].values(), *c["col"].values(), metric, repr(c["mean"]), repr(c["std"]), c["n"],
+                    c["partial"], " ".join(c["seeds"]), " ".join(str(r.path) for r in c["runs"])])
+    return buf.getvalue()
+
+
+def print_rich(cells: list[dict], title: str, notes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    row_labels, col_labels, grid = table_grid(cells)
+    table = Table(title=title)
+    table.add_column("method")
+    for c in col_labels:
+        table.add_column(c, justify="right")
+    for r in row_labels:
+        table.add_row(r, *(_cell_text(grid.get((r, c))) for c in col_labels))
+    console = Console()
+    console.print(table)
+    for n in notes:
+        console.print(n)
+
+
+def curves_png(cells: list[dict], metric: str) -> bytes:
+    """Metric vs step per cell: mean over the seeds that reached each step, ±1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col_labels = list(dict.fromkeys(_label(c["col"]) for c in cells))
+    fig, axes = plt.subplots(1, len(col_labels), figsize=(5.5 * len(col_labels), 4), squeeze=False)
+    for ax, col in zip(axes[0], col_labels):
+        for c in (c for c in cells if _label(c["col"]) == col):
+            steps = sorted({s for r in c["runs"] for s in r.curve})
+            pts = [(s, _stats([r.curve[s] for r in c["runs"] if s in r.curve])) for s in steps]
+            if not pts:
+                continue
+            x = [s for s, _ in pts]
+            mean = [m for _, (m, _) in pts]
+            std = [sd for _, (_, sd) in pts]
+            line, = ax.plot(x, mean, label=f"{_label(c['row'])} (n={c['n']}{', partial' if c['partial'] else ''})")
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="step", ylabel=f"{metric} (mean over tasks)", title=col)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_new(path: Path, data: bytes) -> None:
+    """Atomically create ``path``; an existing file is never replaced (FileExistsError)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails if path exists: no overwrite, and readers never see a half file
+    finally:
+        os.unlink(tmp)
+
+
+def new_stem(out_dir: Path) -> Path:
+    """``report_<UTC time>`` (``_2``, ``_3``… if taken) with none of its files existing yet."""
+    base = "report_" + time.strftime("%Y-%m-%d_%H-%M-%S", time.gmtime())
+    for i in range(1, 1000):
+        stem = out_dir / (base if i == 1 else f"{base}_{i}")
+        if not any(stem.with_suffix(s).exists() for s in (".md", ".csv", ".png")):
+            return stem
+    raise ReportError(f"{out_dir}: no free report name for {base}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="multirun folder (hydra.sweep.dir)")
+    p.add_argument("--rows", help="comma-separated factors forming the rows (method); default: varying method groups")
+    p.add_argument("--cols", help="comma-separated factors forming the columns; default: the other varying factors")
+    p.add_argument("--metric", help="per-task metric to report (default: the recipe's headline metric)")
+    p.add_argument("--out", type=Path, help="folder for the report files (default: SWEEP/reports)")
+    args = p.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x] if s is not None else None  # noqa: E731
+    try:
+        runs, metric, warnings = load_runs(args.sweep, args.metric)
+        if not runs:
+            raise ReportError(f"{args.sweep}: no run has a result or an evaluation yet")
+        rows, cols = default_keys(runs, split(args.rows), split(args.cols))
+        cells = aggregate(runs, rows, cols)
+        n_partial = sum(not r.complete for r in runs)
+        title = f"{metric}: mean ± std over seeds (n runs) — {args.sweep}"
+        notes = [f"{len(runs)} runs, {n_partial} partial (* = cell includes runs without results.json: last evaluation "
+                 f"in metrics.jsonl)", *warnings]
+        notes += [f"partial: {r.path} at step {r.step}" for r in runs if not r.complete]
+        print_rich(cells, title, notes)
+        out_dir = args.out or args.sweep / "reports"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = new_stem(out_dir)
+        write_new(stem.with_suffix(".md"), markdown(cells, title, notes).encode())
+        write_new(stem.with_suffix(".csv"), csv_text(cells, rows, cols, metric).encode())
+        write_new(stem.with_suffix(".png"), curves_png(cells, metric))
+    except (ReportError, FileExistsError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {stem}.md, {stem}.csv, {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

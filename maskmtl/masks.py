@@ -186,8 +186,9 @@ class MaskSet(nn.Module):
 
 # ---- the masks.safetensors file -----------------------------------------------------------
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder: readers never see
+    a half-written file. ``replace=False`` never replaces an existing file (FileExistsError)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -196,11 +197,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def save_masks(masks: MaskSet, path: str | os.PathLike) -> None:

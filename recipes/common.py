@@ -33,6 +33,22 @@ def resume_point(out: Path) -> Path | None:
     return ckpt if ckpt.exists() else None
 
 
+def start_run(cfg: DictConfig):
+    """The start every recipe shares: validate ``train.*``, set threads, pick the device, seed the
+    global RNGs. Returns ``(t_start, device, run_dir)``."""
+    import time
+
+    from maskmtl.config import choose_device
+
+    t_start = time.perf_counter()
+    check_train_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    return t_start, device, run_dir()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -169,6 +185,22 @@ class training_progress:
         return False
 
 
+def save_figure(fig, png: Path, title: str) -> None:
+    """Title, lay out and write a matplotlib figure as PNG atomically, then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from maskmtl.masks import atomic_write_bytes
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
+
+
 def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     """Plot every ``eval/…`` per-task curve, the mean, and ``mask/harmony`` vs step (PNG)."""
     import matplotlib
@@ -177,8 +209,6 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     from maskmtl.outputs import read_metrics
-    from maskmtl.masks import atomic_write_bytes
-    import io
 
     rows = read_metrics(metrics_path)
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/mean")})
@@ -195,12 +225,7 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     if pts:
         axes[1].plot(*zip(*pts), marker="o")
     axes[1].set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+    save_figure(fig, png, title)
 
 
 def preemption_signal() -> int:
@@ -305,14 +330,10 @@ def kill_point(step: int) -> None:
 def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:
     """Mask density per target and task (heatmap) and a t-SNE of the tasks' masks (Jaccard
     distances between the flattened masks; papers' Fig. 5 / 7a). The t-SNE needs >= 4 tasks."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from maskmtl.masks import atomic_write_bytes
 
     tasks, names = masks.tasks, masks.names
     rows = [masks.for_task(t) for t in range(len(tasks))]
@@ -341,9 +362,4 @@ def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:
     else:
         axes[1].text(0.5, 0.5, "t-SNE needs at least 4 tasks", ha="center", va="center")
         axes[1].set_axis_off()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+    save_figure(fig, png, title)

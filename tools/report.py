@@ -24,14 +24,16 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHOD_KEYS = ("variant", "scorer", "initializer", "scheduler", "grouper")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from maskmtl.masks import atomic_write_bytes  # noqa: E402
+
+METHOD_KEYS = ("method", "variant", "scorer", "initializer", "scheduler", "grouper")
 NOT_FACTORS = {"seed", "recipe", "debug"}
 
 
@@ -276,15 +278,7 @@ def curves_png(cells: list[dict], metric: str) -> bytes:
 # ---------------------------------------------------------------------------------------------- writing
 def write_new(path: Path, data: bytes) -> None:
     """Atomically create ``path``; an existing file is never replaced (FileExistsError)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if path exists: no overwrite, and readers never see a half file
-    finally:
-        os.unlink(tmp)
+    atomic_write_bytes(path, data, replace=False)
 
 
 def new_stem(out_dir: Path) -> Path:

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from maskmtl import MaskedAdamW, group_tasks, load_checkpoint, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking, choose_device
+from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (Preemption, check_train_config, kill_point, make_generator, next_task, plot_curves,
-                            plot_masks, print_table, resume_point, run_dir, seed_everything, training_progress,
+from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
+                            plot_masks, print_table, resume_point, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
@@ -50,13 +50,7 @@ def evaluate(masking: Masking, data: DigitsTasks, device) -> dict[str, dict[str,
 
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
-    t_start = time.perf_counter()
-    check_train_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    device = choose_device(cfg.device)
-    seed_everything(cfg.seed)
-    out = run_dir()
+    t_start, device, out = start_run(cfg)
     tasks = list(cfg.tasks)
     smoke = bool(cfg.smoke)  # smoke: 300 images, a 64-unit model
     data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if smoke else None)

@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking, choose_device
+from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, check_train_config, kill_point, make_generator, next_task, plot_curves,
-                            plot_masks, print_table, resume_point, run_dir, seed_everything, training_progress,
+from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
+                            plot_masks, print_table, resume_point, start_run, training_progress,
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
@@ -75,13 +75,7 @@ def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: Segmen
 
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
-    t_start = time.perf_counter()
-    check_train_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    device = choose_device(cfg.device)
-    seed_everything(cfg.seed)
-    out = run_dir()
+    t_start, device, out = start_run(cfg)
     # smoke: two tasks of short episodes (smoke_data), a 1-layer d=32 model, one 40-step episode per task
     data_node = smoke_data(cfg.data) if cfg.smoke else cfg.data
     ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if cfg.smoke else {})

@@ -179,3 +179,13 @@ def test_report_over_a_real_local_sweep_with_a_killed_run(tmp_path):
         assert float(row["mean"]) == pytest.approx(statistics.mean(values), abs=1e-9)
         assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-9)
     assert "partial" in r.stdout and str(sweep / "killed") in r.stdout.replace("\n", "")
+
+
+def test_partial_run_without_a_task_list_uses_every_logged_task(tmp_path):
+    """Recipes that take their tasks from the data have none in the config: a running job's curve
+    averages every eval/<task>/<metric> it logged."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"step": 10, "train/loss": 0.5}) + "\n"
+                   + json.dumps({"step": 20, "eval/a/success": 0.2, "eval/b/success": 0.6, "eval/mean_success": 0.4}) + "\n")
+    assert report._curve(log, [], "success") == {20: pytest.approx(0.4)}
+    assert report._curve(log, ["a"], "success") == {20: pytest.approx(0.2)}

@@ -99,8 +99,11 @@ def _curve(metrics_path: Path, tasks: list[str], metric: str) -> dict[int, float
             row = json.loads(line)
         except json.JSONDecodeError:  # a line being written by a running job
             continue
-        vals = [row.get(f"eval/{t}/{metric}") for t in tasks]
-        if all(isinstance(v, (int, float)) for v in vals):
+        # tasks unknown before the run ends (recipes that take them from their data): every task logged
+        keys = [f"eval/{t}/{metric}" for t in tasks] or [k for k in row if k.count("/") == 2
+                                                       and k.startswith("eval/") and k.endswith(f"/{metric}")]
+        vals = [row.get(k) for k in keys]
+        if vals and all(isinstance(v, (int, float)) for v in vals):
             curve[int(row["step"])] = sum(vals) / len(vals)
     return curve
 

@@ -213,14 +213,14 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     rows = read_metrics(metrics_path)
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/mean")})
     mean_keys = sorted({k for r in rows for k in r if k.startswith("eval/mean")})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for keys, style in ((eval_keys, dict(alpha=0.4, lw=1)), (mean_keys, dict(color="k", lw=2))):
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
             if pts:
                 axes[0].plot(*zip(*pts), label=k.removeprefix("eval/"), **style)
     axes[0].set(xlabel="step", ylabel="evaluation metric", title="evaluation")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
     pts = [(r["step"], r["mask/harmony"]) for r in rows if r.get("mask/harmony") is not None]
     if pts:
         axes[1].plot(*zip(*pts), marker="o")

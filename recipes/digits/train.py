@@ -112,7 +112,7 @@ def run(cfg: DictConfig) -> dict | None:
                 metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
 
             if step % cfg.train.log_every == 0:
-                metrics.update({"train/loss": float(loss), "train/task": float(task)})
+                metrics.update({"train/loss": loss.item(), "train/task": float(task)})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 ev = evaluate(masking, data, device)
                 metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})

@@ -71,9 +71,8 @@ def estimate_gradients(
     if recovery not in RECOVERY_GRADIENTS:
         raise ValueError(f"masking.recovery_gradient must be one of {RECOVERY_GRADIENTS}, got {recovery!r}")
     names = masks.names
-    params = {n: p for n, p in model.named_parameters() if n in set(names)}
+    params = {n: p for n, p in model.named_parameters() if n in masks.names}
     n_tasks, n_groups = masks.n_tasks, masks.n_groups
-    identity = masks.task_to_group == list(range(n_tasks))
     task_masked = {n: torch.zeros((n_tasks, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     dense = {n: torch.zeros((n_groups, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     task_loss = torch.zeros(n_tasks, dtype=torch.float64)
@@ -118,14 +117,14 @@ def estimate_gradients(
                 progress(i)
     finally:
         model.train(was_training)
-    return _group_sums(task_masked, dense, task_loss, masks.task_to_group, identity)
+    return _group_sums(task_masked, dense, task_loss, masks.task_to_group)
 
 
-def _group_sums(task_masked, dense, task_loss, task_to_group, identity):
+def _group_sums(task_masked, dense, task_loss, task_to_group):
     n_groups = max(task_to_group) + 1
     idx = torch.tensor(task_to_group)
-    if identity:
-        masked = task_masked  # same tensors: no copy for one task per group
+    if list(task_to_group) == list(range(len(task_to_group))):
+        masked = task_masked  # one task per group: the same tensors, no copy
     else:
         masked = {}
         for n, t in task_masked.items():

@@ -24,7 +24,7 @@ PARAMS = {"w": torch.tensor([0.5, -1.0, 2.0])}
 
 def golden_grads() -> GroupGradients:
     return _group_sums({"w": torch.stack([G1, G2])}, {"w": torch.stack([G1, torch.tensor([2.0, 1.0, 3.0])])},
-                       torch.tensor([2.0, 0.5], dtype=torch.float64), [0, 1], identity=True)
+                       torch.tensor([2.0, 0.5], dtype=torch.float64), [0, 1])
 
 
 def test_mean_and_agreement():

@@ -40,14 +40,33 @@ class CausalTransformer(nn.Module):
         return self.out(self.body(h, mask=causal, is_causal=True))  # (B, T, d_out)
 
 
-def _masked_setup(make_model, include, exclude, n_tasks, density, seed):
+def _masked_setup(make_model, include, exclude, n_tasks, density, seed, device="cpu"):
     torch.manual_seed(seed)
     model = make_model()
     targets = select_targets(model, include, exclude=exclude)
     shapes = {t.name: t.shape for t in targets}
     masks = MaskSet(ERKInitializer(density).init_masks(shapes, n_tasks, torch.Generator().manual_seed(seed)),
                     [f"task{i}" for i in range(n_tasks)])
-    return model, masks
+    return model.to(device), masks.to(device)
+
+
+def to_device(batch, device):
+    """A batch (tensor, tuple/list or dict of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(v, device) for v in batch)
+
+
+def clock(device: torch.device):
+    """perf_counter that first waits for queued CUDA work, so GPU timings are honest."""
+    if device.type == "cuda":
+        def now():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
 
 
 def _transformer(d_model, n_layer):
@@ -68,14 +87,17 @@ GENERIC_TARGETS = (r".*weight", r".*norm.*")
 
 
 def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, density=0.8, reps=15,
-                  rounds=4, threads=None, seed=0) -> dict:
+                  rounds=4, threads=None, seed=0, device="cpu") -> dict:
     """Median time of one training step (forward, backward, optimizer), masked vs dense, for any
     model: dense = the plain module with ``torch.optim.AdamW``; masked = ``MaskedModel`` (θ⊙M
     through functional_call) with ``MaskedAdamW``, a different task's mask each step."""
     if threads:
         torch.set_num_threads(threads)
-    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
-    dense_model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
+    device = torch.device(device)
+    now = clock(device)
+    batches = to_device(batches, device)
+    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
+    dense_model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4)
     dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -92,9 +114,9 @@ def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_task
         opt.step(group=task)
 
     def timed(fn, i):
-        t0 = time.perf_counter()
+        t0 = now()
         fn(i)
-        return time.perf_counter() - t0
+        return now() - t0
 
     for fn in (dense_step, masked):  # warm-up
         for i in range(5):
@@ -117,6 +139,7 @@ def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_task
         "maskable": masks.numel(),
         "tasks": n_tasks,
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "dense_step_ms": 1000 * d,
         "masked_step_ms": 1000 * m,
         "ratio": statistics.median(ratios),
@@ -133,12 +156,16 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
 
 
 def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, grad_batches=1, alpha=100,
-                     update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0) -> dict:
+                     update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0,
+                     device="cpu") -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
     masked training step, and amortised over ``update_every`` steps as a % of training time."""
     if threads:
         torch.set_num_threads(threads)
-    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed)
+    device = torch.device(device)
+    now = clock(device)
+    batches = to_device(batches, device)
+    model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)
     upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery)
@@ -152,15 +179,16 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
         step(i)
     step_times = []
     for i in range(reps):
-        t0 = time.perf_counter()
+        t0 = now()
         step(i)
-        step_times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
+        step_times.append(now() - t0)
+    t0 = now()
     metrics = upd.update(update_every, model, masks, loss_fn, lambda t: batches[:grad_batches], optimizer=opt)
-    t_update = time.perf_counter() - t0
+    t_update = now() - t0
     s = statistics.median(step_times)
     return {
         "tasks": n_tasks,
+        "device": str(device),
         "grad_batches": grad_batches,
         "recovery_gradient": recovery,
         "maskable": masks.numel(),

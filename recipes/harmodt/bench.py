@@ -14,15 +14,16 @@ from recipes.metaworld.tasksets import taskset
 
 
 def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 128, n_layer: int = 6,
-         context: int = 20, prompt_length: int = 5, threads: int | None = None, seed: int = 0) -> dict:
+         context: int = 20, prompt_length: int = 5, threads: int | None = None, seed: int = 0,
+         device: str = "cpu") -> dict:
     if threads:
         torch.set_num_threads(threads)
     tasks = taskset("MT50")[:n_tasks]
     torch.manual_seed(seed)
-    model = PromptDT(39, 4, d_model=d_model, n_layer=n_layer).eval()
+    model = PromptDT(39, 4, d_model=d_model, n_layer=n_layer).eval().to(device)
     targets = select_targets(model, r".*weight", exclude=r".*ln.*|.*timestep.*")
     masks = MaskSet(ERKInitializer(0.8).init_masks({t.name: t.shape for t in targets}, n_tasks,
-                                                   torch.Generator().manual_seed(seed)), tasks)
+                                                   torch.Generator().manual_seed(seed)), tasks).to(device)
     g = torch.Generator().manual_seed(seed)
     prompt = (torch.randn(n_tasks, prompt_length, 39, generator=g), torch.randn(n_tasks, prompt_length, 4, generator=g),
               torch.rand(n_tasks, prompt_length, 1, generator=g), torch.arange(prompt_length).repeat(n_tasks, 1),
@@ -48,6 +49,7 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
     s_rate = rate(seq_steps, seq_policy + seq_sim)
     return {
         "tasks": n_tasks, "envs": n_tasks * parallel, "steps_per_episode": steps, "threads": torch.get_num_threads(),
+        "device": str(device),
         "params": sum(p.numel() for p in model.parameters()),
         "batched_env_steps_per_s": b_rate,
         "sequential_env_steps_per_s": s_rate,
@@ -55,7 +57,7 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
         "speedup_vs_sequential": b_rate / s_rate,
         "batched_policy_share": batched.policy_s / (batched.policy_s + batched.sim_s),
         "sequential_policy_share": seq_policy / (seq_policy + seq_sim),
-        "target_speedup_cpu": 1.5,
+        "target_speedup": 10.0 if torch.device(device).type == "cuda" else 1.5,
     }
 
 

@@ -71,8 +71,10 @@ class GridPolicy:
 
     def __init__(self, model: torch.nn.Module, tasks: Sequence[int], masks: MaskSet | None = None,
                  prompt: tuple | None = None, task_ids: bool = False):
-        self.model, self.masks, self.prompt, self.task_ids = model, masks, prompt, task_ids
-        self.tasks = torch.tensor(list(tasks), dtype=torch.long)
+        self.device = next(model.parameters()).device  # inputs arrive on the CPU (numpy) and move here
+        self.model, self.masks, self.task_ids = model, masks, task_ids
+        self.prompt = None if prompt is None else tuple(p.to(self.device) for p in prompt)
+        self.tasks = torch.tensor(list(tasks), dtype=torch.long, device=self.device)
         self.stacked = None
         if masks is not None:
             params = dict(model.named_parameters())
@@ -92,6 +94,8 @@ class GridPolicy:
     @torch.inference_mode()
     def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
         """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+        states, actions, rtg, timesteps, mask = (x.to(self.device, non_blocking=True)
+                                                 for x in (states, actions, rtg, timesteps, mask))
         t, n = states.shape[:2]
         prompt = None
         if self.prompt is not None:

@@ -5,6 +5,8 @@
     python tools/run.py recipe=harmodt method=mtdt              # task-id embedding, no prompt, dense
     python tools/run.py recipe=harmodt method=harmodt_r         # frozen random masks
     python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
+    python tools/run.py recipe=harmodt data=ml45_tiny           # train on ML45's 45 tasks, then evaluate the
+                                                                # voting mask on its 5 unseen tasks
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
+from maskmtl import MaskedAdamW, MaskSet, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
@@ -24,8 +26,9 @@ from recipes.common import (Preemption, kill_point, make_generator, next_task, p
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
-from recipes.metaworld.make_data import ensure_dataset, smoke_data
+from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, ensure_demos, smoke_data, unseen_tasks
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
+from recipes.metaworld.storage import OfflineDataset
 
 
 def make_loss_fn(use_prompt: bool, task_id: bool):
@@ -45,32 +48,58 @@ def make_loss_fn(use_prompt: bool, task_id: bool):
 def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
              rtg_target: np.ndarray, envs: list[list], device) -> EvalReport:
     """``ev["episodes"]`` episodes of every task, ``ev["parallel"]`` at a time per task."""
+    return play(ev, model, masking.masks, sampler, rtg_target, envs, prompt=cfg.model.prompt,
+                task_ids=cfg.model.task_id, device=device)
+
+
+def play(ev: dict, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: np.ndarray, envs: list[list], *,
+         prompt: bool, task_ids: bool, device, seed_offset: int = 0) -> EvalReport:
+    """Evaluate ``model`` under ``masks`` (one row per task of ``sampler``): prompts, state statistics and
+    reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode)."""
     tasks = sampler.tasks
     rows = list(range(len(tasks)))
-    prompt = None
-    if cfg.model.prompt:
+    prompts = None
+    if prompt:
         b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
-        prompt = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
-                  b["prompt_mask"])
+        prompts = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
+                   b["prompt_mask"])
     was_training = model.training
     model.eval()
-    masks = masking.masks
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
-    policy = GridPolicy(model, rows, None if dense else masks, prompt, task_ids=cfg.model.task_id)
+    policy = GridPolicy(model, rows, None if dense else masks, prompts, task_ids=task_ids)
     report = EvalReport([])
     n = ev["parallel"]
     for first in range(0, ev["episodes"], n):
         episodes = list(range(first, min(first + n, ev["episodes"])))
-        part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, rows, episodes, seed=ev["seed"],
-                        state_mean=sampler.state_mean, state_std=sampler.state_std, rtg_target=rtg_target,
-                        reward_scale=sampler.config.reward_scale, context=sampler.config.context,
-                        max_steps=ev["max_steps"], stop_on_success=ev["stop_on_success"])
+        part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, [seed_offset + r for r in rows],
+                        episodes, seed=ev["seed"], state_mean=sampler.state_mean, state_std=sampler.state_std,
+                        rtg_target=rtg_target, reward_scale=sampler.config.reward_scale,
+                        context=sampler.config.context, max_steps=ev["max_steps"],
+                        stop_on_success=ev["stop_on_success"])
         report.episodes += part.episodes
         report.policy_s += part.policy_s
         report.sim_s += part.sim_s
         report.env_steps += part.env_steps
     model.train(was_training)
     return report.summarise()
+
+
+def evaluate_unseen(cfg: DictConfig, ev: dict, model, masks: MaskSet, demos: OfflineDataset,
+                    sampling: SamplingConfig, n_train_tasks: int, device) -> tuple[EvalReport, float]:
+    """Spec §6: the tasks of ``demos`` were never trained on. Every one of them acts with the voting
+    mask of the training tasks' masks (all ones for dense methods). Its prompt, per-task state
+    statistics and return-to-go target come from its prompt demonstrations alone. Returns the report
+    and the voting mask's density."""
+    from recipes.metaworld.generate import make_env
+
+    vote = masks.voting_mask(float(cfg.eval.voting_threshold))
+    unseen = MaskSet({n: v[None] for n, v in vote.items()}, demos.tasks, [0] * len(demos.tasks))
+    sampler = SegmentSampler(OfflineDataset(list(demos.tasks), dict(demos.data), demos), sampling)
+    rtg = np.array([np.quantile(demos[t].episode_returns(), cfg.eval.rtg_quantile) for t in demos.tasks])
+    envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in demos.tasks]
+    report = play(ev, model, unseen, sampler, rtg, envs, prompt=cfg.model.prompt, task_ids=False, device=device,
+                  seed_offset=n_train_tasks)
+    return report, float(unseen.density().mean())
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -82,11 +111,20 @@ def run(cfg: DictConfig) -> dict | None:
     m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
     if not 1 <= ev["max_steps"] <= 500:
         raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
+    unseen = unseen_tasks(data_node)  # checked before any data is generated
+    n_train = len(dataset_tasks(data_node))
+    if unseen and m["task_id"]:
+        raise ConfigError(f"data.unseen_tasks {unseen}: a task-id model (model.task_id=true, MTDT) has no "
+                          f"embedding for tasks it never trained on; use a prompt-based method")
+    if unseen and not 0 < float(cfg.eval.voting_threshold) < n_train:
+        raise ConfigError(f"eval.voting_threshold={cfg.eval.voting_threshold}: expected a fraction in (0, 1) "
+                          f"or a count in [1, {n_train}) of the training tasks")
     dataset = ensure_dataset(data_node, cfg.data_root)
     sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
     tasks = list(dataset.tasks)
     if m["prompt"] and sampler.config.prompt_length < 1:
         raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+    unseen_demos = ensure_demos(data_node, cfg.data_root, unseen) if unseen else None
     # return-to-go target per task: a quantile of that task's episode returns (experts differ widely)
     rtg_target = np.array([np.quantile(dataset[t].episode_returns(), cfg.eval.rtg_quantile) for t in tasks])
     model = PromptDT(dataset.obs_dim, dataset.act_dim, d_model=m["d_model"], n_layer=m["n_layer"],
@@ -197,12 +235,22 @@ def run(cfg: DictConfig) -> dict | None:
                 for t, v in final.per_task.items()}
     print_table(f"harmodt ({cfg.method_name}): success after {cfg.train.steps} steps "
                 f"(best = the evaluation with the highest mean success)", per_task)
+    unseen_result = None
+    if unseen_demos is not None:
+        rep, vote_density = evaluate_unseen(cfg, ev, model, masks, unseen_demos, sampler.config, len(tasks), device)
+        unseen_result = {"tasks": list(unseen_demos.tasks), "voting_threshold": float(cfg.eval.voting_threshold),
+                         "voting_density": vote_density, "per_task": rep.per_task,
+                         "mean_success": float(np.mean([v["success"] for v in rep.per_task.values()])),
+                         "episodes": [e.__dict__ for e in rep.episodes]}
+        print_table(f"unseen tasks (voting mask, threshold {cfg.eval.voting_threshold}, density {vote_density:.3f}): "
+                    f"mean success {unseen_result['mean_success']:.3f}",
+                    {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()})
     results = write_results(
         out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=cfg.train.steps,
         wall_time_s=extra_state()["wall_time_s"],
         extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, rtg_target.tolist())),
                "episodes": [e.__dict__ for e in final.episodes], "density": masks.density().tolist(),
-               "resumed_from": start if ckpt is not None else None},
+               "resumed_from": start if ckpt is not None else None, "unseen": unseen_result},
     )
     plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
     plot_masks(masks, out / "masks.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}", seed=cfg.seed)

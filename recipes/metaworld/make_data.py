@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from maskmtl.config import ConfigError
 from maskmtl.outputs import write_json
-from recipes.metaworld.generate import GenerationSpec, generate_dataset
+from recipes.metaworld.generate import GenerationSpec, generate_dataset, generate_demos
 from recipes.metaworld.storage import OfflineDataset, demo_dir, is_complete, load_dataset, task_paths
 from recipes.metaworld.tasksets import UnknownTaskError, resolve_tasks
 
@@ -50,15 +50,50 @@ def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
     return data_root(root) / "metaworld" / spec.dirname()
 
 
+def unseen_tasks(data: Mapping[str, Any]) -> list[str]:
+    """Tasks with no training data that are only evaluated (``data.unseen_taskset``, e.g. ML45-test,
+    or an explicit ``data.unseen_tasks`` list); [] when neither is set."""
+    name, tasks = data.get("unseen_taskset"), data.get("unseen_tasks")
+    if not name and not tasks:
+        return []
+    try:
+        unseen = resolve_tasks(name, tasks)
+    except UnknownTaskError as e:
+        raise ConfigError(f"data.unseen_taskset / data.unseen_tasks: {e}") from e
+    overlap = sorted(set(unseen) & set(dataset_tasks(data)))
+    if overlap:
+        raise ConfigError(f"data.unseen_tasks: {overlap} are training tasks too; unseen tasks must have no training data")
+    if int(data.get("prompt_demos", 0) or 0) < 1:
+        raise ConfigError(f"data.unseen_tasks {unseen} are seen only through prompt demonstrations: "
+                          f"data.prompt_demos must be >= 1 (got {data.get('prompt_demos')})")
+    return unseen
+
+
+def ensure_demos(data: Mapping[str, Any], root: str | Path, tasks: Sequence[str]) -> OfflineDataset:
+    """Only the prompt demonstrations (``data.prompt_demos`` expert episodes per task) of ``tasks``,
+    generated if missing, stored beside the dataset's own demonstrations, loaded and validated. This is
+    all a prompt-conditioned policy gets of an unseen task: its prompt, state statistics and
+    return-to-go target come from these few episodes."""
+    demos = int(data["prompt_demos"])  # >= 1, checked by unseen_tasks
+    directory = dataset_dir(data, root)
+    folder = demo_dir(directory, demos)
+    spec = GenerationSpec.from_config(data)
+    for t in (t for t in tasks if not is_complete(folder, t)):
+        print(f"generating {demos} prompt demonstrations of unseen task {t}")
+        generate_demos(t, spec, directory, demos)
+    return load_dataset(folder, tasks)
+
+
 def smoke_data(data: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a ``data`` node shrunk for ``debug=smoke``: its first two tasks, 4 episodes of 50
     steps each (2 for sub_optimal), at most one demonstration and one held-out episode per task,
-    generated in one process."""
+    the first unseen task only, generated in one process."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(data, resolve=True) if not isinstance(data, dict) else dict(data)
+    unseen = unseen_tasks(data)[:1]
     node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1,
-                prompt_demos=min(int(node.get("prompt_demos", 0)), 1))
+                prompt_demos=min(int(node.get("prompt_demos", 0)), 1), unseen_taskset=None, unseen_tasks=unseen or None)
     node["sampling"] = {**dict(node.get("sampling") or {}), "heldout_episodes": 1}
     return node
 

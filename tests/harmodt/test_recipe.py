@@ -46,3 +46,37 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     ca, cb = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True)["model"] for x in "ab")
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+@pytest.mark.slow
+def test_unseen_tasks_are_evaluated_with_the_voting_mask(tmp_path):
+    """ML45: after training, the held-out task is played with the voting mask of the training
+    tasks' masks (all ones for a dense method), its prompt from its own demonstrations."""
+    run("-m", "recipe=harmodt", "debug=smoke", "data=ml45_tiny", "method=prompt_dt,harmodt_f",
+        f"hydra.sweep.dir={tmp_path}")
+    seen = set()
+    for d in (p for p in tmp_path.iterdir() if (p / "results.json").exists()):
+        r = json.loads((d / "results.json").read_text())
+        u = r["unseen"]
+        assert u["tasks"] == ["bin-picking-v3"] and "bin-picking-v3" not in r["tasks"]
+        assert len(u["episodes"]) == 1 and 0.0 <= u["mean_success"] <= 1.0
+        masks = read_masks_file(d / "masks.safetensors")[0]  # [tasks, *P] per target
+        on = sum(int((m.sum(0) > 0.5 * m.shape[0]).sum()) for m in masks.values())
+        total = sum(m[0].numel() for m in masks.values())
+        assert u["voting_density"] == pytest.approx(on / total)
+        assert (u["voting_density"] == 1.0) == (r["method"] == "prompt_dt")
+        seen.add(r["method"])
+    assert seen == {"prompt_dt", "harmodt_f"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data=ml45_tiny", "method=mtdt"], "has no embedding for tasks it never trained on"),
+    (["data=ml45_tiny", "data.prompt_demos=0"], "data.prompt_demos must be >= 1"),
+    (["data.unseen_tasks=[dial-turn-v3]"], "are training tasks too"),
+    (["data=ml45_tiny", "eval.voting_threshold=0"], "eval.voting_threshold=0"),
+])
+def test_bad_unseen_config_fails_before_any_data_or_training(tmp_path, overrides, message):
+    p = run("recipe=harmodt", "debug=smoke", *overrides, f"data_root={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert p.returncode != 0 and message in p.stderr + p.stdout
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -65,6 +65,7 @@ class MaskSet(nn.Module):
         if not masks:
             raise MaskError("a MaskSet needs at least one target")
         self.tasks: list[str] = list(tasks)
+        self._float_cache: dict[tuple[str, torch.dtype], tuple] = {}  # see as_float
         t2g = list(range(len(self.tasks))) if task_to_group is None else [int(g) for g in task_to_group]
         n_groups = validate_task_to_group(self.tasks, t2g)
         self.task_to_group: list[int] = t2g
@@ -102,6 +103,17 @@ class MaskSet(nn.Module):
     def group_of(self, task: int | str) -> int:
         idx = self.tasks.index(task) if isinstance(task, str) else int(task)
         return self.task_to_group[idx]
+
+    def as_float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Masks ``[G, *P]`` of target ``name`` as 0/1 of ``dtype``, for multiplying. Converted once
+        per version of the bool buffer (masks change only at mask updates and loads), so training
+        steps launch no conversion kernels; costs one float copy of the masks per dtype."""
+        buf = self[name]
+        hit = self._float_cache.get((name, dtype))
+        if hit is None or hit[0] is not buf or hit[1] != buf._version:
+            hit = (buf, buf._version, buf.to(dtype))
+            self._float_cache[(name, dtype)] = hit
+        return hit[2]
 
     def group(self, g: int) -> dict[str, torch.Tensor]:
         """Target name -> bool mask of group ``g`` (views, shape ``P``)."""

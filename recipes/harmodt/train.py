@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> dict | None:
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
     masks = masking.masks
+    multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
     if cfg.dry_run:
         return None
@@ -105,7 +106,6 @@ def run(cfg: DictConfig) -> dict | None:
     optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     loss_fn = make_loss_fn(m["prompt"], m["task_id"])
-    multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
     start, wall_before, best = 0, 0.0, None

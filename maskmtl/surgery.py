@@ -209,7 +209,7 @@ class GradientSurgery:
     Args:
         params: the parameters (all trainable ones of the model).
         method: ``"mean"`` (plain mean of the task gradients), ``"pcgrad"`` or ``"cagrad"``.
-        c: CAGrad's radius c ∈ [0, 1) (default 0.5, the paper's Meta-World value).
+        c: CAGrad's radius c ∈ [0, 1) (default 0.5, the default of the authors' code).
         reduction: PCGrad's ``"sum"`` (the paper) or ``"mean"`` (the scale of the mean gradient,
             which keeps gradient clipping comparable with a one-task step).
         generator: PCGrad's random orders; checkpoint it for an exact resume.

@@ -81,6 +81,84 @@ def check_train_config(cfg: DictConfig) -> None:
         from maskmtl.config import ConfigError
 
         raise ConfigError(f"train.grad_clip={clip!r}: expected null or a number > 0")
+    if "gradient" in cfg.train:  # recipes whose loop offers gradient surgery (harmodt)
+        check_gradient_config(cfg)
+
+
+GRADIENTS = ("plain", "mean", "pcgrad", "cagrad")
+
+
+def check_gradient_config(cfg: DictConfig) -> None:
+    """Validate ``train.gradient``, ``train.tasks_per_step`` and ``train.cagrad_c``."""
+    from maskmtl.config import ConfigError, require
+
+    kind = require(cfg, "train.gradient", lambda v: v in GRADIENTS, f"one of {GRADIENTS}")
+    k = cfg.train.tasks_per_step
+    if kind == "plain" and k is not None:
+        raise ConfigError(f"train.tasks_per_step={k!r}: only used with train.gradient=mean|pcgrad|cagrad "
+                          f"(train.gradient=plain trains one task per step); leave it null")
+    if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ConfigError(f"train.tasks_per_step={k!r}: expected null (all tasks) or an integer >= 1")
+    if kind in ("pcgrad", "cagrad") and k == 1:
+        raise ConfigError(f"train.tasks_per_step=1: train.gradient={kind} needs at least 2 tasks per step")
+    require(cfg, "train.cagrad_c", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+            "a number in [0, 1) (CAGrad's c)")
+
+
+class MultiTaskStep:
+    """The gradient of one step from several tasks (``train.gradient=mean|pcgrad|cagrad``).
+
+    Each step draws ``tasks_per_step`` tasks (``round_robin``: the next block of consecutive tasks,
+    cycling; ``uniform``: a random subset from the task generator; all tasks when it equals N), one
+    batch of ``train.batch_size`` from each, takes one backward pass per task (each graph freed
+    before the next task's forward) and writes the combined gradient into the parameters' ``.grad``
+    (``maskmtl.surgery``). PCGrad's random orders come from ``generators["surgery"]``, which the
+    recipe checkpoints with its other generators.
+    """
+
+    def __init__(self, surgery, n_tasks: int, tasks_per_step: int, mode: str):
+        self.surgery, self.n_tasks, self.tasks_per_step, self.mode = surgery, n_tasks, tasks_per_step, mode
+        self.generators = {"surgery": surgery.generator} if surgery.generator is not None else {}
+
+    def tasks(self, step: int, generator: torch.Generator) -> list[int]:
+        """The tasks of 1-based ``step``."""
+        n, k = self.n_tasks, self.tasks_per_step
+        if k == n:
+            return list(range(n))
+        if self.mode == "round_robin":
+            return sorted(((step - 1) * k + i) % n for i in range(k))
+        return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+    def backward(self, step: int, generator: torch.Generator, loss_of) -> torch.Tensor:
+        """``loss_of(task)`` builds one task's loss on a fresh batch; returns the mean loss."""
+        from functools import partial
+
+        return self.surgery.backward([partial(loss_of, t) for t in self.tasks(step, generator)])
+
+
+def multi_task_step(cfg: DictConfig, model: torch.nn.Module, masking, n_tasks: int) -> MultiTaskStep | None:
+    """``None`` for ``train.gradient=plain``, else the step builder (checks the masks are dense)."""
+    from maskmtl.config import ConfigError
+    from maskmtl.surgery import GradientSurgery
+
+    check_gradient_config(cfg)
+    kind = cfg.train.gradient
+    if kind == "plain":
+        return None
+    k = n_tasks if cfg.train.tasks_per_step is None else int(cfg.train.tasks_per_step)
+    if k > n_tasks:
+        raise ConfigError(f"train.tasks_per_step={k}: expected at most the number of tasks ({n_tasks})")
+    if kind in ("pcgrad", "cagrad") and n_tasks < 2:
+        raise ConfigError(f"train.gradient={kind}: needs at least 2 tasks, the data has {n_tasks}")
+    updates = masking.updater.every > 0 and masking.scheduler.max_alpha() > 0
+    if not bool((masking.masks.density() == 1.0).all()) or updates:
+        raise ConfigError(f"train.gradient={kind}: combines dense per-task gradients into one dense step, so it "
+                          f"needs all-ones masks that never change (initializer=dense scheduler=frozen, as "
+                          f"method=mtdt_mean|pcgrad|cagrad set)")
+    gen = make_generator(cfg.seed, 5) if kind == "pcgrad" else None
+    surgery = GradientSurgery(list(model.parameters()), kind, c=float(cfg.train.cagrad_c), reduction="mean",
+                              generator=gen)
+    return MultiTaskStep(surgery, n_tasks, k, cfg.train.task_sampling)
 
 
 def next_task(step: int, n_tasks: int, mode: str, generator: torch.Generator) -> int:

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "score-stability": "recipes.digits.bench:score_stability",
     "sampler": "recipes.metaworld.bench:sampler",
     "eval": "recipes.harmodt.bench:eval",
+    "surgery-step": "recipes.harmodt.bench:surgery_step",  # MTDT + mean / PCGrad / CAGrad vs an MTDT step
 }
 
 

@@ -104,3 +104,84 @@ def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: i
                                _dt_batches(batch, context, prompt_length, kw.get("seed", 0), 4),
                                make_loss_fn(True, False), include=DT_TARGETS[0], exclude=DT_TARGETS[1],
                                n_tasks=n_tasks, **kw)}
+
+
+def surgery_step(d_model: int = 128, n_layer: int = 3, batch: int = 16, context: int = 20, n_tasks: int = 10,
+                 tasks_per_step: int | None = None, reps: int = 6, threads: int | None = None, seed: int = 0) -> dict:
+    """Time per optimizer step of MTDT + mean / PCGrad / CAGrad (a batch of ``batch`` from each of
+    ``tasks_per_step`` tasks, one backward each) vs a plain MTDT step (one task's batch), on the
+    recipe's MTDT model (CPU profile size by default), interleaved round by round. Also the time
+    of the surgery alone (Gram matrix, coefficients, writing .grad) and the per-task buffer size."""
+    import statistics
+    import time
+
+    from maskmtl import DenseInitializer, MaskedAdamW, MaskedModel, MaskSet, select_targets
+    from maskmtl.surgery import GradientSurgery, gram
+    from recipes.common import MultiTaskStep
+    from recipes.harmodt.train import make_loss_fn
+
+    if threads:
+        torch.set_num_threads(threads)
+    k = n_tasks if tasks_per_step is None else tasks_per_step
+    torch.manual_seed(seed)
+    model = PromptDT(39, 4, d_model=d_model, n_layer=n_layer, use_prompt=False, n_tasks=n_tasks)
+    targets = select_targets(model, DT_TARGETS[0], exclude=DT_TARGETS[1])
+    masks = MaskSet(DenseInitializer().init_masks({t.name: t.shape for t in targets}, n_tasks,
+                                                  torch.Generator().manual_seed(seed)), [f"t{i}" for i in range(n_tasks)])
+    mm = MaskedModel(model, masks)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4)
+    loss_fn = make_loss_fn(False, True)
+    base = _dt_batches(batch, context, 1, seed, n=4)
+    batches = [[dict(b, task=torch.full((batch,), t, dtype=torch.long)) for b in base] for t in range(n_tasks)]
+    multi = {m: MultiTaskStep(GradientSurgery(list(model.parameters()), m, generator=torch.Generator().manual_seed(seed)),
+                              n_tasks, k, "round_robin") for m in ("mean", "pcgrad", "cagrad")}
+
+    def plain(i):
+        task = i % n_tasks
+        opt.zero_grad(set_to_none=True)
+        loss_fn(mm.bind(task), task, batches[task][i % 4]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step(group=task)
+
+    def combined(method):
+        def step(i):
+            opt.zero_grad(set_to_none=True)
+            multi[method].backward(i + 1, None, lambda t: loss_fn(mm.bind(t), t, batches[t][i % 4]))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step(group=None)
+        return step
+
+    fns = {"mtdt": plain, **{m: combined(m) for m in multi}}
+    for fn in fns.values():  # warm-up
+        for i in range(2):
+            fn(i)
+    times = {name: [] for name in fns}
+    for r in range(reps):
+        names = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in names:
+            t0 = time.perf_counter()
+            fns[name](r)
+            times[name].append(time.perf_counter() - t0)
+    # the surgery alone, on the last step's per-task gradients
+    grads = multi["pcgrad"].surgery.task_grads._buf[:k]
+    surgery_ms = {}
+    for name in ("pcgrad", "cagrad"):
+        s = multi[name].surgery
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a = s.weights(gram(grads))
+            s.task_grads.write(a.to(grads.dtype) @ grads, [True] * len(s.task_grads.params))
+            ts.append(time.perf_counter() - t0)
+        surgery_ms[name] = 1000 * statistics.median(ts)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "model": f"MTDT d={d_model} layers={n_layer}", "batch_per_task": batch, "tasks": n_tasks, "tasks_per_step": k,
+        "threads": torch.get_num_threads(), "params": n_params,
+        "per_task_buffer_mb": k * n_params * 4 / 2**20,
+        **{f"{name}_step_ms": 1000 * v for name, v in med.items()},
+        **{f"{name}_vs_mtdt_step": med[name] / med["mtdt"] for name in multi},
+        **{f"{name}_vs_mtdt_per_task_batch": med[name] / (k * med["mtdt"]) for name in multi},
+        **{f"{name}_surgery_only_ms": v for name, v in surgery_ms.items()},
+    }

@@ -4,6 +4,7 @@
     python tools/run.py recipe=harmodt method=prompt_dt         # dense Prompt-DT, same code path
     python tools/run.py recipe=harmodt method=mtdt              # task-id embedding, no prompt, dense
     python tools/run.py recipe=harmodt method=harmodt_r         # frozen random masks
+    python tools/run.py recipe=harmodt method=pcgrad            # MTDT, every task each step, PCGrad (or cagrad)
     python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
     python tools/run.py recipe=harmodt data=ml45_tiny           # train on ML45's 45 tasks, then evaluate the
                                                                 # voting mask on its 5 unseen tasks
@@ -21,7 +22,7 @@ from maskmtl import MaskedAdamW, MaskSet, load_checkpoint, save_checkpoint, save
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
+from recipes.common import (Preemption, kill_point, make_generator, multi_task_step, next_task, plot_curves,
                             plot_masks, print_table, resume_point, start_run, training_progress,
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
@@ -133,6 +134,7 @@ def run(cfg: DictConfig) -> dict | None:
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
     masks = masking.masks
+    multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
     if cfg.dry_run:
         return None
@@ -142,7 +144,7 @@ def run(cfg: DictConfig) -> dict | None:
     optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     loss_fn = make_loss_fn(m["prompt"], m["task_id"])
-    gens = {"tasks": make_generator(cfg.seed, 3)}
+    gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
     start, wall_before, best = 0, 0.0, None
     ckpt = resume_point(out)
@@ -174,15 +176,20 @@ def run(cfg: DictConfig) -> dict | None:
     model.train()
     with training_progress(cfg.train.steps, start) as progress, Preemption() as preemption:
         for step in range(start + 1, cfg.train.steps + 1):
-            task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
             for pg in optimizer.param_groups:
                 pg["lr"] = lr_at(step)
-            loss = loss_fn(masking.model.bind(task), task, batch_for(task, rngs["data"]))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if multi is None:  # train.gradient=plain: one task's batch per step
+                task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
+                loss = loss_fn(masking.model.bind(task), task, batch_for(task, rngs["data"]))
+                loss.backward()
+            else:  # a batch from each of the step's tasks, their gradients combined into .grad (mean, PCGrad, CAGrad)
+                task = None
+                loss = multi.backward(step, gens["tasks"],
+                                      lambda t: loss_fn(masking.model.bind(t), t, batch_for(t, rngs["data"])))
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step(group=masks.group_of(task))
+            optimizer.step(group=None if task is None else masks.group_of(task))  # None: dense step (masks all-ones)
             metrics = {}
 
             # -------------------------------------------------- mask update (Algorithm 2)
@@ -190,7 +197,7 @@ def run(cfg: DictConfig) -> dict | None:
                 metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
 
             if step % cfg.train.log_every == 0:
-                metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step)})
+                metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step), **(multi.surgery.last if multi else {})})
 
             # -------------------------------------------------- evaluate
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:

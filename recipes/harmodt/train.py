@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from maskmtl import MaskedAdamW, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
                             plot_masks, print_table, resume_point, start_run, training_progress,
@@ -40,6 +41,24 @@ def make_loss_fn(use_prompt: bool, task_id: bool):
         err = (pred - batch["actions"]).square().mean(-1)  # (B, K)
         return err[batch["mask"]].mean()
     return loss_fn
+
+
+def example_inputs(sampler: SegmentSampler, model_cfg: dict, device) -> dict:
+    """Keyword inputs of one small batch of task 0 (fixed seed), to trace the model for structured
+    masks and export."""
+    b = sampler.sample_task(0, 2, np.random.default_rng(0)).to_torch(device)
+    return forward_kwargs(b, model_cfg["prompt"], model_cfg["task_id"])
+
+
+def forward_kwargs(batch: dict, use_prompt: bool, task_id: bool) -> dict:
+    """The model's keyword inputs from a sampled batch."""
+    prompt = None
+    if use_prompt:
+        prompt = (batch["prompt_states"], batch["prompt_actions"], batch["prompt_returns_to_go"],
+                  batch["prompt_timesteps"], batch["prompt_mask"])
+    return {"states": batch["states"], "actions": batch["actions"], "rtg": batch["returns_to_go"],
+            "timesteps": batch["timesteps"], "mask": batch["mask"], "prompt": prompt,
+            "task": batch["task"] if task_id else None}
 
 
 def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
@@ -93,9 +112,12 @@ def run(cfg: DictConfig) -> dict | None:
                      n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
                      max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
-    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1),
+                      example_inputs=example_inputs(sampler, m, device))
     masks = masking.masks
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    if masking.structures is not None:
+        print_structure_report(masking.structures)
     if cfg.dry_run:
         return None
     if masking.needs_grouping:

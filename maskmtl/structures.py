@@ -33,8 +33,8 @@ Where structures come from:
   parameter in it may be tied to another module, and none of its entries may already belong to
   an earlier structure. One entry can belong to one structure only, so in a chain of layers
   fc1 → fc2 → fc3 the units of fc1 (rows of fc1, columns of fc2) and of fc2 (rows of fc2,
-  columns of fc3) overlap in fc2; the later family is skipped (every other layer of a plain MLP
-  is structured). ``StructureMap.report`` lists every family kept or skipped, with the reason.
+  columns of fc3) overlap in fc2; families are taken in module order and the later one is
+  skipped (every other layer of a plain MLP is structured, starting with the first). ``StructureMap.report`` lists every family kept or skipped, with the reason.
 * ``head``: attention heads from the model's ``attention_heads()`` method (a list of
   ``AttentionHeads``: which Linear modules produce the per-head q/k/v features and which one
   merges the heads), plus the ``unit`` structures of everything else. A head's structure is its
@@ -390,8 +390,10 @@ def _add_units(model: nn.Module, ids: dict, families: list, report: list, first:
     finally:
         model.train(was_training)
     names = {m: n for n, m in model.named_modules()}
+    order = {m: i for i, m in enumerate(names)}
     tied = _tied_params(model)
-    for group in groups:
+    # in module order, so the earlier of two overlapping families is the one kept
+    for group in sorted(groups, key=lambda g: order.get(g[0].dep.target.module, len(order))):
         root = group[0].dep.target.module
         rname = names.get(root, "?")
         claims, why, consumer = [], None, False

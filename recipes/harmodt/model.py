@@ -39,8 +39,8 @@ class CausalSelfAttention(nn.Module):
         # x: (B, L, d); allowed: (B, 1, L, L) bool, True where query i may attend to key j
         b, n, _ = x.shape
         nh, hs = self.n_head, self.head_dim
-        q, k, v = self.qkv(x).split(nh * hs, dim=-1)
-        q, k, v = (t.reshape(b, n, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
+        # [q | k | v] -> 3 × (B, nh, L, hs); reshape (not split) so that nh = 0 (every head exported away) works
+        q, k, v = self.qkv(x).reshape(b, n, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, L, L)
         att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         y = self.attn_drop(att) @ v  # (B, nh, L, hs)

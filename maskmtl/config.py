@@ -81,7 +81,7 @@ class Masking:
             raise ConfigError("tasks: at least one task is required")
         self.targets = select_targets(model, cfg.targets.include, cfg.targets.exclude)
         granularity = OmegaConf.select(cfg, "masking.granularity", default="element")
-        reduce = OmegaConf.select(cfg, "masking.structure_reduce", default="sum")
+        reduce = OmegaConf.select(cfg, "masking.structure_reduce", default="mean")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"masking.granularity={granularity!r}: expected one of {list(GRANULARITIES)}")
         if reduce not in REDUCTIONS:

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 GRANULARITIES = ("element", "unit", "head")
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("mean", "sum")
 # modules whose output channels root a unit family
 ROOT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -110,7 +110,7 @@ class StructureMap:
 
     ids: dict[str, torch.Tensor]
     families: list[Family]
-    reduce: str = "sum"
+    reduce: str = "mean"
     granularity: str = "unit"
     report: list[str] = field(default_factory=list)
 
@@ -289,7 +289,7 @@ def _index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> tuple:
 
 
 def build_structures(model: nn.Module, target_names: Sequence[str], granularity: str, example_inputs: Any,
-                     reduce: str = "sum") -> StructureMap:
+                     reduce: str = "mean") -> StructureMap:
     """Structure map of ``model``'s targets for ``granularity`` ``unit`` or ``head``.
 
     Args:

@@ -104,3 +104,20 @@ def test_dry_run_prints_the_target_report(tmp_path):
     p = run("recipe=digits", "debug=smoke", "dry_run=true", f"hydra.run.dir={tmp_path}")
     assert "mask targets" in p.stdout and "body.0.weight" in p.stdout
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_digits_unit_granularity_smoke_and_export(tmp_path):
+    d = tmp_path / "run"
+    run("recipe=digits", "debug=smoke", "masking.granularity=unit", f"hydra.run.dir={d}")
+    r = check_contract(d, "digits")
+    masks, _, _ = read_masks_file(d / "masks.safetensors")
+    # whole units: every row of the first layer's weight is all on or all off, in every task
+    rows = masks["inp.weight"]
+    assert bool(((rows.all(dim=2)) | (~rows.any(dim=2))).all())
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(d), "voting=0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["params_exported"] < out["params_full"] and out["max_abs_diff"] <= 1e-5
+    assert r["config"]["masking"]["granularity"] == "unit"

@@ -184,7 +184,7 @@ def _tiny():
     """Linear(2, 3) -> ReLU -> Linear(3, 1): three units, each 2 weights + 1 bias + 1 column."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-    return model, build_structures(model, ["0.weight", "0.bias", "2.weight"], "unit", torch.randn(1, 2))
+    return model, build_structures(model, ["0.weight", "0.bias", "2.weight"], "unit", torch.randn(1, 2), reduce="sum")
 
 
 def test_golden_structure_ids_and_aggregation():

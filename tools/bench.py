@@ -24,6 +24,7 @@ BENCHMARKS = {
     "score-stability": "recipes.digits.bench:score_stability",
     "sampler": "recipes.metaworld.bench:sampler",
     "eval": "recipes.harmodt.bench:eval",
+    "export": "recipes.harmodt.bench:export",               # pruned per-task Prompt-DT vs masked full model
 }
 
 

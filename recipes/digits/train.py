@@ -37,6 +37,18 @@ def example_inputs(data: DigitsTasks, device) -> tuple[torch.Tensor, torch.Tenso
     return data.x_train[:2].to(device), torch.zeros(2, dtype=torch.long, device=device)
 
 
+def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, tuple, dict]:
+    """For ``tools/export.py``: the full model (weights from ``state``), example inputs, and the
+    config that builds the same full model again."""
+    smoke = bool(cfg.smoke)
+    model_config = {"n_in": 64, "n_tasks": len(cfg.tasks), "hidden": 64 if smoke else int(cfg.model.hidden),
+                    "depth": int(cfg.model.depth), "task_input": bool(cfg.model.task_input)}
+    model = MultiTaskMLP(**model_config)
+    model.load_state_dict(state)
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
+    return model, (x, torch.arange(4) % len(cfg.tasks)), model_config
+
+
 @torch.no_grad()
 def evaluate(masking: Masking, data: DigitsTasks, device) -> dict[str, dict[str, float]]:
     """Test accuracy and loss per task, each task under its own group's mask (dropout off)."""

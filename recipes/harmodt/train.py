@@ -61,6 +61,32 @@ def forward_kwargs(batch: dict, use_prompt: bool, task_id: bool) -> dict:
             "task": batch["task"] if task_id else None}
 
 
+def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, dict, dict]:
+    """For ``tools/export.py``: the full model (sizes read from the weights in ``state``, so no
+    data is loaded), synthetic example inputs of the right shapes, and the config that builds the
+    same full model again."""
+    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+    d_model, state_dim = state["embed.state.weight"].shape
+    model_config = {"state_dim": int(state_dim), "act_dim": int(state["embed.action.weight"].shape[1]),
+                    "d_model": int(d_model), "n_layer": int(m["n_layer"]), "n_head": int(m["n_head"]),
+                    "dropout": float(m["dropout"]), "max_ep_len": int(state["embed.timestep.weight"].shape[0]),
+                    "use_prompt": bool(m["prompt"]),
+                    "n_tasks": int(state["task_embed.weight"].shape[0]) if m["task_id"] else 0}
+    model = PromptDT(**model_config)
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    k, kp, b = 20, 5, 2
+
+    def seq(n):
+        return {"states": torch.randn(b, n, model_config["state_dim"], generator=g),
+                "actions": torch.rand(b, n, model_config["act_dim"], generator=g) * 2 - 1,
+                "returns_to_go": torch.rand(b, n, 1, generator=g),
+                "timesteps": torch.randint(model_config["max_ep_len"], (b, n), generator=g),
+                "mask": torch.ones(b, n, dtype=torch.bool)}
+    batch = seq(k) | {f"prompt_{key}": v for key, v in seq(kp).items()} | {"task": torch.zeros(b, dtype=torch.long)}
+    return model, forward_kwargs(batch, m["prompt"], m["task_id"]), model_config
+
+
 def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
              rtg_target: np.ndarray, envs: list[list], device) -> EvalReport:
     """``ev["episodes"]`` episodes of every task, ``ev["parallel"]`` at a time per task."""

@@ -185,7 +185,8 @@ def compare_export(model, example_inputs, *, include, exclude=None, granularity=
                    n_tasks=10, task=0, reps=15, rounds=4, threads=None, seed=0) -> dict:
     """Exported (pruned, dense) model vs the masked full model for one task: parameters, file size
     (safetensors of each model's state dict) and inference latency (eval, no grad), single calls
-    alternated in one process; the latency figure is the median paired ratio. Masks are drawn by
+    alternated in one process; the latency figures are median paired ratios, against the masked
+    model (what a task runs today) and against the full model without masks (pruning alone). Masks are drawn by
     the structured random initializer at ``density`` (structures kept per family and task)."""
     import tempfile
     from pathlib import Path
@@ -222,20 +223,23 @@ def compare_export(model, example_inputs, *, include, exclude=None, granularity=
         return time.perf_counter() - t0
 
     exported_call = lambda: call(ex.model, example_inputs)  # noqa: E731
-    times = {"masked": [], "exported": []}
-    ratios = []
+    dense_call = lambda: call(model, example_inputs)  # noqa: E731  (the full model without masks)
+    times = {"masked": [], "exported": [], "dense": []}
+    ratios, dense_ratios = [], []
     with torch.no_grad():
-        for fn in (masked_call, exported_call):  # warm-up
+        for fn in (masked_call, exported_call, dense_call):  # warm-up
             for _ in range(3):
                 fn()
         for i in range(reps * rounds):
             if i % 2:
-                te, tm = timed(exported_call), timed(masked_call)
+                te, tm, td = timed(exported_call), timed(masked_call), timed(dense_call)
             else:
-                tm, te = timed(masked_call), timed(exported_call)
+                td, tm, te = timed(dense_call), timed(masked_call), timed(exported_call)
             times["masked"].append(tm)
             times["exported"].append(te)
+            times["dense"].append(td)
             ratios.append(te / tm)
+            dense_ratios.append(te / td)
     return {
         "granularity": granularity,
         "density": density,
@@ -249,6 +253,8 @@ def compare_export(model, example_inputs, *, include, exclude=None, granularity=
         "file_ratio": sizes["exported_file_bytes"] / sizes["full_file_bytes"],
         "masked_ms": 1000 * statistics.median(times["masked"]),
         "exported_ms": 1000 * statistics.median(times["exported"]),
-        "latency_ratio": statistics.median(ratios),
+        "dense_ms": 1000 * statistics.median(times["dense"]),
+        "latency_ratio": statistics.median(ratios),  # exported / masked full model
+        "latency_ratio_vs_dense": statistics.median(dense_ratios),  # exported / full model without masks
         "max_abs_diff": ex.max_abs_diff,
     }

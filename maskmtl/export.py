@@ -14,7 +14,7 @@ mask (θ ⊙ M, what the masked model computes with), then removes the masked-ou
 Removing a structure is exactly zeroing it: its consumer slices are masked in the masked model
 (see ``maskmtl.structures``), so a removed unit's bias, whatever it is, reaches nothing. The
 export checks this on the example inputs and refuses (``ExportError``) when the two outputs
-differ by more than ``atol``.
+differ by more than ``atol + rtol · max|output|``.
 
 Saved form (``save_export``), no pickle: ``model.safetensors`` holds the pruned model's state
 dict; ``export.json`` holds the removal plan (which channels of which module, which heads of which
@@ -139,7 +139,7 @@ def _n_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def export_pruned(model: nn.Module, mask: Mapping[str, torch.Tensor], structures: StructureMap, example_inputs: Any,
-                  atol: float = 1e-5) -> Exported:
+                  atol: float = 1e-5, rtol: float = 1e-5) -> Exported:
     """A pruned copy of ``model`` for one mask.
 
     Args:
@@ -148,7 +148,8 @@ def export_pruned(model: nn.Module, mask: Mapping[str, torch.Tensor], structures
             mask, or a voting mask); constant over every structure.
         structures: the ``StructureMap`` the masks were trained with.
         example_inputs: inputs to trace with and to compare outputs on (eval mode).
-        atol: largest allowed absolute difference between masked and pruned outputs.
+        atol, rtol: the outputs may differ by at most ``atol + rtol · max|masked output|``
+            (summation order changes when entries are removed).
     Raises:
         ExportError: the mask is not constant over structures, or the outputs differ.
     """
@@ -161,12 +162,13 @@ def export_pruned(model: nn.Module, mask: Mapping[str, torch.Tensor], structures
     for n, m in mask.items():  # θ ⊙ M: what the masked model computes with
         params[n].mul_(m.to(params[n].device, params[n].dtype))
     reference = call(full, example_inputs)
+    scale = max((float(t.abs().max()) for t in _flatten(reference) if t.numel()), default=0.0)
     n_full = _n_params(full)
     pruned = apply_plan(full, plan, example_inputs).eval()
     diff = max_abs_diff(reference, call(pruned, example_inputs))
-    if not diff <= atol:
-        raise ExportError(f"the pruned model's outputs differ from the masked model's by {diff:.3g} (> atol {atol}); "
-                          f"a structure's removal is not equivalent to its mask in this model")
+    if not diff <= atol + rtol * scale:
+        raise ExportError(f"the pruned model's outputs differ from the masked model's by {diff:.3g} (> atol {atol} + "
+                          f"rtol {rtol} × {scale:.3g}); a structure's removal is not equivalent to its mask in this model")
     return Exported(pruned, plan, diff, n_full, _n_params(pruned))
 
 

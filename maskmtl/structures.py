@@ -284,7 +284,8 @@ def _slices(mod: nn.Module, mname: str, out: bool) -> list[tuple[str, int]] | No
     return None
 
 
-def _index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> tuple:
+def _index(dim: int, idx: torch.Tensor) -> tuple:
+    """The indexing tuple that takes ``idx`` along ``dim``."""
     return tuple([slice(None)] * dim + [idx])
 
 
@@ -353,14 +354,14 @@ def _add_heads(h: AttentionHeads, model: nn.Module, ids: dict, families: list, r
         report.append(f"heads of {h.module}: skipped, its entries already belong to other structures")
         return first
     _claim(ids, claims, first)
-    size = sum(ids[p][_index(ids[p], d, i)].numel() for p, d, i, _ in claims) // h.n_head
+    size = sum(ids[p][_index(d, i)].numel() for p, d, i, _ in claims) // h.n_head
     families.append(Family("head", h.module, first, h.n_head, size, heads=h))
     report.append(f"heads of {h.module}: {h.n_head} structures of {size} entries")
     return first + h.n_head
 
 
 def _free(ids: dict, claims) -> bool:
-    return all(bool((ids[p][_index(ids[p], d, i)] < 0).all()) for p, d, i, _ in claims)
+    return all(bool((ids[p][_index(d, i)] < 0).all()) for p, d, i, _ in claims)
 
 
 def _claim(ids: dict, claims, first: int) -> None:
@@ -368,7 +369,7 @@ def _claim(ids: dict, claims, first: int) -> None:
         t = ids[p]
         shape = [1] * t.dim()
         shape[d] = -1
-        sel = _index(t, d, idx)
+        sel = _index(d, idx)
         t[sel] = (first + which).reshape(shape).expand_as(t[sel])
 
 
@@ -413,13 +414,15 @@ def _add_units(model: nn.Module, ids: dict, families: list, report: list, first:
             if any(id(p) in tied for p in mod.parameters(recurse=False)):
                 why = f"{mname!r} has a parameter tied to another module"
                 break
-            consumer = consumer or not out
+            # a consumer reads the channels as inputs (an Embedding or BatchNorm only carries them)
+            is_consumer = not out and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            consumer = consumer or is_consumer
             idx = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.int64)
             root_idx = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.int64)
             for pname, dim in sl:
                 if pname in ids:
                     claims.append((pname, dim, idx, root_idx))
-                elif not out and pname.endswith(".weight"):
+                elif is_consumer:
                     why = f"consumer {pname} is not a mask target (masking could not zero the unit's output)"
                     break
             if why:

@@ -375,3 +375,38 @@ def test_config_errors_for_structures(kind, x, match):
     x = inputs(kind) if x == "inputs" else x
     with pytest.raises(ConfigError, match=f"masking.granularity={granularity}.*{match}"):
         Masking(_cfg(granularity=granularity), make(kind), ["a"], torch.Generator(), example_inputs=x)
+
+
+def test_export_through_batchnorm_and_a_conv_chain():
+    """conv → BN → ReLU → conv → flatten → Linear: the first conv's channels (through the BN,
+    whose slices go with them) are the structures; the second conv's channels would share its
+    entries and are skipped. Export, BN running statistics included, equals the masked model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 2, 5, 5))  # non-trivial running statistics
+    x = (torch.randn(3, 2, 5, 5),)
+    names = ["0.weight", "3.weight", "6.weight"]
+    smap = build_structures(model, names, "unit", x)
+    assert [(f.root, f.count) for f in smap.families] == [("0", 6)]  # "3" overlaps columns of 3.weight
+    masks = MaskSet(smap.init_masks(RandomInitializer(0.5), 1, torch.Generator().manual_seed(0)), ["a"])
+    ex = export_pruned(model, masks.group(0), smap, x)
+    assert isinstance(ex.model[1], nn.BatchNorm2d) and ex.model[1].num_features == 3
+    torch.testing.assert_close(call(ex.model, x), _masked_out(model, masks, 0, x), atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_structure_whose_removal_is_not_its_mask():
+    """A hand-made map that (wrongly) makes units of a Linear followed by a LayerNorm: zeroing a
+    channel is not removing it (the norm's statistics change), and export must say so."""
+    from maskmtl.structures import Family
+
+    model, x = make("layernorm"), inputs("layernorm")
+    ids = {"fc.weight": torch.arange(8)[:, None].expand(8, 5).clone(), "out.weight": torch.arange(8)[None].expand(2, 8).clone()}
+    smap = StructureMap(ids, [Family("unit", "fc", 0, 8, 7)])
+    on = torch.ones(1, 8, dtype=torch.bool)
+    on[0, :3] = False
+    with pytest.raises(ExportError, match="not equivalent to its mask"):
+        export_pruned(model, {n: m[0] for n, m in smap.to_elements(on).items()}, smap, x)
+

@@ -4,7 +4,7 @@
     python tools/export.py RUN_DIR task=NAME        # one task's mask
     python tools/export.py RUN_DIR group=G          # one group's mask (grouped runs)
     python tools/export.py RUN_DIR voting=THRESH    # the voting mask (> THRESH tasks; < 1: a fraction)
-    options: out=DIR (default RUN_DIR/export/<task-NAME|group-G|voting-THRESH>), atol=1e-5
+    options: out=DIR (default RUN_DIR/export/<task-NAME|group-G|voting-THRESH>), atol=1e-5, rtol=1e-5
 
 The run must have been trained with ``masking.granularity=unit`` or ``head``. The model comes
 from the run's ``checkpoint.pt`` (read with ``weights_only=True``), the masks from its
@@ -35,11 +35,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
-    p.add_argument("options", nargs="+", help="task=NAME | group=G | voting=THRESH, and out=DIR, atol=X")
+    p.add_argument("options", nargs="+", help="task=NAME | group=G | voting=THRESH, and out=DIR, atol=X, rtol=X")
     args = p.parse_args(argv)
     opts = dict(kv.split("=", 1) for kv in args.options if "=" in kv)
-    if len(opts) != len(args.options) or set(opts) - {"task", "group", "voting", "out", "atol"}:
-        p.error(f"options must be key=value with keys task, group, voting, out, atol; got {args.options}")
+    if len(opts) != len(args.options) or set(opts) - {"task", "group", "voting", "out", "atol", "rtol"}:
+        p.error(f"options must be key=value with keys task, group, voting, out, atol, rtol; got {args.options}")
     which = [k for k in ("task", "group", "voting") if k in opts]
     if len(which) != 1:
         p.error("give exactly one of task=NAME, group=G, voting=THRESH")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     names = [t.name for t in select_targets(model, cfg.targets.include, cfg.targets.exclude)]
     smap = build_structures(model, names, granularity, inputs,
                             reduce=OmegaConf.select(cfg, "masking.structure_reduce", default="mean"))
-    ex = export_pruned(model, mask, smap, inputs, atol=float(opts.get("atol", 1e-5)))
+    ex = export_pruned(model, mask, smap, inputs, atol=float(opts.get("atol", 1e-5)), rtol=float(opts.get("rtol", 1e-5)))
     out = Path(opts.get("out", args.run_dir / "export" / f"{key}-{opts[key]}"))
     save_export(ex, out, model_config=model_config,
                 source={"run": str(args.run_dir), "recipe": results["recipe"], key: opts[key],

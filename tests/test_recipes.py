@@ -65,9 +65,10 @@ def test_digits_smoke_grouped(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("granularity", ["element", "unit"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, granularity):
     common = ["recipe=digits", "debug=smoke", "train.steps=40", "train.checkpoint_every=10", "masking.update_every=5",
-              "train.eval_every=10", "train.task_sampling=uniform"]
+              "train.eval_every=10", "train.task_sampling=uniform", f"masking.granularity={granularity}"]
     run(*common, f"hydra.run.dir={tmp_path / 'a'}")
     killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "27"}, check=False)
     assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
@@ -92,6 +93,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ("masking.grad_batches=0", "masking.grad_batches"),
     ("train.task_sampling=sometimes", "train.task_sampling"),
     ("scorer=nope", "Could not find 'scorer/nope'"),
+    ("masking.granularity=channel", "masking.granularity='channel': expected one of"),
+    ("masking.granularity=head", "masking.granularity=head: MultiTaskMLP declares no attention heads"),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, message):
     p = run("recipe=digits", "debug=smoke", override, f"hydra.run.dir={tmp_path}", check=False)

@@ -5,6 +5,7 @@ Extension points (``maskmtl.interfaces``): Scorer, Scheduler, Initializer, Group
 
 from .apply import MaskedAdamW, MaskedModel
 from .checkpoint import load_checkpoint, save_checkpoint
+from .export import ExportError, export_pruned, load_export, save_export
 from .gradients import GroupGradients, estimate_gradients, harmony
 from .groupers import KNNGrouper, NoneGrouper
 from .initializers import DenseInitializer, ERKInitializer, RandomInitializer
@@ -12,11 +13,13 @@ from .interfaces import Grouper, Initializer, Scheduler, Scorer
 from .masks import MaskError, MaskSet, load_masks, read_masks_file, save_masks
 from .schedulers import ConstantScheduler, CosineScheduler
 from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer
+from .structures import AttentionHeads, StructureError, StructureMap, build_structures
 from .targets import Target, TargetError, select_targets
 from .update import MaskUpdateError, MaskUpdater, check_schedule, group_tasks, masks_from_scores, swap
 
 __all__ = [
-    "AgreementScorer", "ConstantScheduler", "CosineScheduler", "DenseInitializer", "ERKInitializer",
+    "AgreementScorer", "AttentionHeads", "ExportError", "StructureError", "StructureMap", "build_structures",
+    "export_pruned", "load_export", "save_export", "ConstantScheduler", "CosineScheduler", "DenseInitializer", "ERKInitializer",
     "FisherScorer", "GroupGradients", "Grouper", "Initializer", "KNNGrouper", "MagnitudeScorer",
     "MaskError", "MaskSet", "MaskUpdateError", "MaskUpdater", "MaskedAdamW", "MaskedModel",
     "NoneGrouper", "RandomInitializer", "Scheduler", "Scorer", "Target", "TargetError",

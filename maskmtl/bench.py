@@ -207,3 +207,82 @@ def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
     return {"model": f"causal transformer d={d_model} layers={n_layer}",
             **time_mask_update(_transformer(d_model, n_layer), _regression_batches(batch, seq, kw.get("seed", 0), 4),
                                _loss, include=GENERIC_TARGETS[0], exclude=GENERIC_TARGETS[1], **kw)}
+
+
+def compare_export(model, example_inputs, *, include, exclude=None, granularity="head", density=0.5,
+                   n_tasks=10, task=0, reps=15, rounds=4, threads=None, seed=0) -> dict:
+    """Exported (pruned, dense) model vs the masked full model for one task: parameters, file size
+    (safetensors of each model's state dict) and inference latency (eval, no grad), single calls
+    alternated in one process; the latency figures are median paired ratios, against the masked
+    model (what a task runs today) and against the full model without masks (pruning alone). Masks are drawn by
+    the structured random initializer at ``density`` (structures kept per family and task)."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .export import call, export_pruned, save_export
+    from .initializers import RandomInitializer
+    from .structures import build_structures
+
+    if threads:
+        torch.set_num_threads(threads)
+    model.eval()
+    names = [t.name for t in select_targets(model, include, exclude=exclude)]
+    smap = build_structures(model, names, granularity, example_inputs)
+    masks = MaskSet(smap.init_masks(RandomInitializer(density), n_tasks, torch.Generator().manual_seed(seed)),
+                    [f"task{i}" for i in range(n_tasks)])
+    ex = export_pruned(model, masks.group(task), smap, example_inputs)
+    mm = MaskedModel(model, masks)
+    with tempfile.TemporaryDirectory(prefix="maskmtl-export-bench-") as tmp:
+        full_file = Path(tmp) / "full.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(full_file))
+        out = save_export(ex, Path(tmp) / "export", model_config={}, source={"task": task})
+        sizes = {"full_file_bytes": full_file.stat().st_size, "exported_file_bytes": (out / "model.safetensors").stat().st_size}
+
+    def masked_call():
+        if isinstance(example_inputs, dict):
+            return mm.forward_group(task, **example_inputs)
+        return mm.forward_group(task, *example_inputs)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    exported_call = lambda: call(ex.model, example_inputs)  # noqa: E731
+    dense_call = lambda: call(model, example_inputs)  # noqa: E731  (the full model without masks)
+    times = {"masked": [], "exported": [], "dense": []}
+    ratios, dense_ratios = [], []
+    with torch.no_grad():
+        for fn in (masked_call, exported_call, dense_call):  # warm-up
+            for _ in range(3):
+                fn()
+        for i in range(reps * rounds):
+            if i % 2:
+                te, tm, td = timed(exported_call), timed(masked_call), timed(dense_call)
+            else:
+                td, tm, te = timed(dense_call), timed(masked_call), timed(exported_call)
+            times["masked"].append(tm)
+            times["exported"].append(te)
+            times["dense"].append(td)
+            ratios.append(te / tm)
+            dense_ratios.append(te / td)
+    return {
+        "granularity": granularity,
+        "density": density,
+        "structures": smap.n_structures,
+        "structures_kept": int(smap.to_structures({n: m[None] for n, m in masks.group(task).items()}).sum()),
+        "threads": torch.get_num_threads(),
+        "params_full": ex.params_full,
+        "params_exported": ex.params_pruned,
+        "params_ratio": ex.params_pruned / ex.params_full,
+        **sizes,
+        "file_ratio": sizes["exported_file_bytes"] / sizes["full_file_bytes"],
+        "masked_ms": 1000 * statistics.median(times["masked"]),
+        "exported_ms": 1000 * statistics.median(times["exported"]),
+        "dense_ms": 1000 * statistics.median(times["dense"]),
+        "latency_ratio": statistics.median(ratios),  # exported / masked full model
+        "latency_ratio_vs_dense": statistics.median(dense_ratios),  # exported / full model without masks
+        "max_abs_diff": ex.max_abs_diff,
+    }

@@ -61,18 +61,41 @@ class Masking:
 
     Attributes: ``masks`` (MaskSet), ``model`` (MaskedModel), ``initializer``, ``scorer``,
     ``scheduler``, ``grouper``, ``updater`` (MaskUpdater), ``needs_grouping`` (the grouper makes
-    fewer groups than tasks: masks start all-ones, one group per task, until ``group_tasks``).
+    fewer groups than tasks: masks start all-ones, one group per task, until ``group_tasks``),
+    ``structures`` (a ``StructureMap`` when ``masking.granularity`` is ``unit`` or ``head``,
+    else None).
+
+    ``example_inputs`` (what ``model`` is called with: a tensor, a tuple, or a dict of keyword
+    arguments) is needed only by structured granularities, to trace the model's channel groups.
     """
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, tasks: list[str], generator: torch.Generator):
+    def __init__(self, cfg: DictConfig, model: torch.nn.Module, tasks: list[str], generator: torch.Generator,
+                 example_inputs: Any = None):
         from .apply import MaskedModel
         from .masks import MaskSet
+        from .structures import GRANULARITIES, REDUCTIONS, StructureError, build_structures
         from .targets import select_targets
         from .update import MaskUpdater, check_schedule
 
         if len(tasks) < 1:
             raise ConfigError("tasks: at least one task is required")
         self.targets = select_targets(model, cfg.targets.include, cfg.targets.exclude)
+        granularity = OmegaConf.select(cfg, "masking.granularity", default="element")
+        reduce = OmegaConf.select(cfg, "masking.structure_reduce", default="mean")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"masking.granularity={granularity!r}: expected one of {list(GRANULARITIES)}")
+        if reduce not in REDUCTIONS:
+            raise ConfigError(f"masking.structure_reduce={reduce!r}: expected one of {list(REDUCTIONS)}")
+        self.structures = None
+        if granularity != "element":
+            if example_inputs is None:
+                raise ConfigError(f"masking.granularity={granularity}: this recipe passes no example inputs "
+                                  f"to trace its model with; use masking.granularity=element")
+            try:
+                self.structures = build_structures(model, [t.name for t in self.targets], granularity,
+                                                   example_inputs, reduce=reduce)
+            except StructureError as e:
+                raise ConfigError(f"masking.granularity={granularity}: {e}") from e
         self.initializer = build(cfg.initializer, "initializer")
         self.scorer = build(cfg.scorer, "scorer")
         self.scheduler = build(cfg.scheduler, "scheduler", total_steps=int(cfg.train.steps))
@@ -86,18 +109,19 @@ class Masking:
         if self.needs_grouping:
             init = {n: torch.ones((len(tasks), *s), dtype=torch.bool) for n, s in shapes.items()}
         else:
-            init = self.initializer.init_masks(shapes, len(tasks), generator)
+            init = (self.initializer.init_masks(shapes, len(tasks), generator) if self.structures is None
+                    else self.structures.init_masks(self.initializer, len(tasks), generator))
         device = next(model.parameters()).device
         self.masks = MaskSet({n: m.to(device) for n, m in init.items()}, tasks)
         if not self.needs_grouping:
-            check_schedule(self.scheduler, self.masks)
+            check_schedule(self.scheduler, self.masks, structures=self.structures)
         m = cfg.masking
         for key in ("update_every", "grad_batches"):
             if not isinstance(m[key], int) or m[key] < (0 if key == "update_every" else 1):
                 raise ConfigError(f"masking.{key}={m[key]!r}: expected an integer >= {0 if key == 'update_every' else 1}")
         try:
             self.updater = MaskUpdater(self.scorer, self.scheduler, int(m.update_every), m.recovery_gradient,
-                                       m.recovered_state)
+                                       m.recovered_state, structures=self.structures)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self.model = MaskedModel(model, self.masks)

@@ -24,6 +24,7 @@ from torch import nn
 from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony
 from .interfaces import Scheduler, Scorer
 from .masks import MaskSet
+from .structures import StructureMap
 
 RECOVERED_STATE = ("reset_dormant", "keep")
 
@@ -123,18 +124,23 @@ def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dic
     return out
 
 
-def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler") -> None:
-    """Fail before training if the schedule would ever ask for more swaps than a group can make."""
+def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler",
+                   structures: StructureMap | None = None) -> None:
+    """Fail before training if the schedule would ever ask for more swaps than a group can make.
+    With a structure map, α and the counts are in structures (``StructureMap.alpha``)."""
     need = scheduler.max_alpha()
     if need == 0:
         return
-    counts = masks.counts()
-    total = masks.numel()
+    if structures is None:
+        counts, total, unit = masks.counts(), masks.numel(), "entries"
+    else:
+        need = structures.alpha(need)
+        counts, total, unit = structures.counts(masks.as_dict()), structures.n_structures, "structures"
     for g, c in enumerate(counts.tolist()):
         if need > c or need > total - c:
             raise MaskUpdateError(
                 f"{key}: alpha reaches {need} but group {g} has {c} active and {total - c} inactive "
-                f"entries; every update must drop and recover alpha entries. Lower {key}.eta_max (or "
+                f"{unit}; every update must drop and recover alpha {unit}. Lower {key}.eta_max (or "
                 f"{key}.alpha), or use a density < 1 (a dense initializer leaves nothing to recover: "
                 f"use scheduler=frozen)")
 
@@ -150,6 +156,8 @@ class MaskUpdater:
         recovery_gradient: ``"dense"`` (Algorithm 2) or ``"masked_point"`` (cheaper).
         recovered_state: ``"reset_dormant"`` zeroes optimizer moments of recovered entries that
             no group used before the update; ``"keep"`` leaves them.
+        structures: a ``StructureMap`` makes the swap structured (scores aggregated per
+            structure, α_t converted to structures); ``None`` swaps entries.
     """
 
     scorer: Scorer
@@ -157,6 +165,7 @@ class MaskUpdater:
     every: int
     recovery_gradient: str = "dense"
     recovered_state: str = "reset_dormant"
+    structures: StructureMap | None = None
 
     def __post_init__(self):
         if self.every < 0:
@@ -179,7 +188,11 @@ class MaskUpdater:
         t_grad = time.perf_counter() - t0
         params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
         before = masks.as_dict()
-        result = swap(before, self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads), alpha)
+        drop, grow = self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads)
+        if self.structures is None:
+            result = swap(before, drop, grow, alpha)
+        else:
+            result = self.structures.swap(before, drop, grow, self.structures.alpha(alpha))
         h = harmony(grads, before)
         revived = {n: result.masks[n].any(dim=0) & ~before[n].any(dim=0) for n in masks.names}
         masks.set_masks(result.masks)
@@ -191,7 +204,7 @@ class MaskUpdater:
             "mask/alpha": float(alpha),
             "mask/harmony": h,
             "mask/density_mean": float(dens.mean()),
-            "mask/swapped": float(2 * alpha * masks.n_groups),
+            "mask/swapped": float(2 * result.alpha * masks.n_groups),  # entries, or structures if structured
             "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
             "mask/optimizer_entries_reset": float(n_reset),
             "time/mask_update_s": time.perf_counter() - t0,
@@ -200,12 +213,16 @@ class MaskUpdater:
 
 
 def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, loss_fn: LossFn,
-                batches: Batches, density: float, seed: int, recovery_gradient: str = "dense") -> dict[str, Any]:
+                batches: Batches, density: float, seed: int, recovery_gradient: str = "dense",
+                structures: StructureMap | None = None) -> dict[str, Any]:
     """G-HarmoDT stage 2 (Algorithm 4): group tasks and initialise one mask per group, in place.
 
     Each task's harmony vector GH(T_i, 1) is scored with all-ones masks and one group per task;
     the grouper clusters those vectors; each group's mask keeps the ``round(density·|θ|)`` entries
     with the highest summed harmony Σ_{i∈G_j} GH(T_i, 1) over all targets.
+
+    With a structure map, the task vectors are the aggregated structure scores ``[N, S]`` and
+    each group keeps ``round(density·S)`` structures.
 
     Returns ``{"task_to_group", "task_vectors" [N, D], "harmony"}``.
     """
@@ -214,11 +231,15 @@ def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, 
     grads = estimate_gradients(model, ones, loss_fn, batches, recovery=recovery_gradient)
     params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
     scores = scorer.drop_scores(grads, params, ones.as_dict())  # [N, *P] per target
-    vectors = torch.cat([scores[n].reshape(masks.n_tasks, -1) for n in masks.names], dim=1)
+    if structures is None:
+        vectors = torch.cat([scores[n].reshape(masks.n_tasks, -1) for n in masks.names], dim=1)
+    else:
+        vectors = structures.aggregate(scores).float()
     t2g = grouper.group(vectors, seed)
     n_groups = max(t2g) + 1
     idx = torch.tensor(t2g)
     summed = {n: torch.zeros((n_groups, *s.shape[1:]), dtype=s.dtype, device=s.device).index_add_(0, idx.to(s.device), s)
               for n, s in scores.items()}
-    masks.set_grouping(t2g, masks_from_scores(summed, density))
+    pick = masks_from_scores if structures is None else structures.masks_from_scores
+    masks.set_grouping(t2g, pick(summed, density))
     return {"task_to_group": t2g, "task_vectors": vectors, "harmony": harmony(grads, ones.as_dict())}

@@ -64,3 +64,36 @@ def test_masked_steps_never_move_entries_outside_the_mask(seed, wd):
         p.grad = torch.randn(4, 6, generator=g) * m  # a masked gradient, as the masked forward gives
         opt.step(group=grp)
         assert torch.equal(p.detach()[~m], before[~m])
+
+
+@settings(max_examples=500, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 3), n_struct=st.integers(2, 12),
+       ties=st.booleans(), frac=st.floats(0.1, 0.9), reduce=st.sampled_from(["sum", "mean"]))
+def test_random_structured_swaps_keep_invariants_per_structure(seed, groups, n_struct, ties, frac, reduce):
+    from maskmtl.structures import Family, StructureMap
+
+    g = torch.Generator().manual_seed(seed)
+    # random ids over two targets: every structure gets at least one entry, some entries none (-1)
+    flat = torch.cat([torch.arange(n_struct), torch.randint(-1, n_struct, (3 * n_struct,), generator=g)])
+    flat = flat[torch.randperm(flat.numel(), generator=g)]
+    ids = {"a": flat[:2 * n_struct].reshape(2, n_struct), "b": flat[2 * n_struct:]}
+    smap = StructureMap(ids, [Family("unit", "x", 0, n_struct, 1)], reduce=reduce)
+    on = torch.rand(groups, n_struct, generator=g) < frac
+    masks = smap.to_elements(on)
+    active = on.sum(1)
+    limit = int(torch.minimum(active, n_struct - active).min())
+    alpha = int(torch.randint(0, limit + 1, (1,), generator=g)) if limit > 0 else 0
+
+    def scores():
+        out = {k: torch.randn((groups, *v.shape), generator=g) for k, v in ids.items()}
+        return {k: s.round() for k, s in out.items()} if ties else out
+
+    res = smap.swap(masks, scores(), scores(), alpha)
+    new = smap.to_structures(res.masks)  # raises unless constant within structures, on outside
+    dropped, recov = smap.to_structures(res.dropped, check=False), smap.to_structures(res.recovered, check=False)
+    assert torch.equal(new.sum(1), active)
+    assert not (dropped & ~on).any() and not (recov & on).any()
+    assert (dropped.sum(1) == alpha).all() and (recov.sum(1) == alpha).all()
+    assert torch.equal(new, (on & ~dropped) | recov)
+    for k, t in ids.items():
+        assert not res.dropped[k][:, t < 0].any() and res.masks[k][:, t < 0].all()

@@ -65,9 +65,10 @@ def test_digits_smoke_grouped(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("granularity", ["element", "unit"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, granularity):
     common = ["recipe=digits", "debug=smoke", "train.steps=40", "train.checkpoint_every=10", "masking.update_every=5",
-              "train.eval_every=10", "train.task_sampling=uniform"]
+              "train.eval_every=10", "train.task_sampling=uniform", f"masking.granularity={granularity}"]
     run(*common, f"hydra.run.dir={tmp_path / 'a'}")
     killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "27"}, check=False)
     assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
@@ -92,6 +93,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ("masking.grad_batches=0", "masking.grad_batches"),
     ("train.task_sampling=sometimes", "train.task_sampling"),
     ("scorer=nope", "Could not find 'scorer/nope'"),
+    ("masking.granularity=channel", "masking.granularity='channel': expected one of"),
+    ("masking.granularity=head", "masking.granularity=head: MultiTaskMLP declares no attention heads"),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, message):
     p = run("recipe=digits", "debug=smoke", override, f"hydra.run.dir={tmp_path}", check=False)
@@ -104,3 +107,20 @@ def test_dry_run_prints_the_target_report(tmp_path):
     p = run("recipe=digits", "debug=smoke", "dry_run=true", f"hydra.run.dir={tmp_path}")
     assert "mask targets" in p.stdout and "body.0.weight" in p.stdout
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_digits_unit_granularity_smoke_and_export(tmp_path):
+    d = tmp_path / "run"
+    run("recipe=digits", "debug=smoke", "masking.granularity=unit", f"hydra.run.dir={d}")
+    r = check_contract(d, "digits")
+    masks, _, _ = read_masks_file(d / "masks.safetensors")
+    # whole units: every row of the first layer's weight is all on or all off, in every task
+    rows = masks["inp.weight"]
+    assert bool(((rows.all(dim=2)) | (~rows.any(dim=2))).all())
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(d), "voting=0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["params_exported"] < out["params_full"] and out["max_abs_diff"] <= 1e-5
+    assert r["config"]["masking"]["granularity"] == "unit"

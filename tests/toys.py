@@ -94,7 +94,35 @@ class Tied(nn.Module):
         return (torch.randint(9, (6,), generator=g),)
 
 
-TOYS = {"mlp": MLP, "conv": Conv, "attention": Attention, "embedding": Embedding, "layernorm": Norm, "tied": Tied}
+class Heads(nn.Module):
+    """Attention written out with a fused qkv projection and declared heads, then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_head, self.head_dim = 2, 4
+        # no qkv bias: the key bias has a zero gradient up to float noise (see Attention)
+        self.qkv, self.proj = nn.Linear(8, 24, bias=False), nn.Linear(8, 8)
+        self.fc, self.out = nn.Linear(8, 12), nn.Linear(12, 2)
+
+    def attention_heads(self):
+        from maskmtl.structures import AttentionHeads
+
+        return [AttentionHeads("", self.n_head, self.head_dim, split=(("qkv", 3),), merge=("proj",))]
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        nh, hs = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, L, hs) each
+        y = ((q @ k.transpose(-2, -1)) / hs**0.5).softmax(-1) @ v  # (B, nh, L, hs)
+        h = x + self.proj(y.transpose(1, 2).reshape(b, n, nh * hs))
+        return self.out(torch.relu(self.fc(h)))
+
+    @staticmethod
+    def inputs(g):
+        return (torch.randn(2, 3, 8, generator=g),)
+
+
+TOYS = {"mlp": MLP, "conv": Conv, "attention": Attention, "embedding": Embedding, "layernorm": Norm, "tied": Tied, "heads": Heads}
 # Every parameter with at least 2 entries is a target (1-D LayerNorm weights included).
 INCLUDE = r".*"
 

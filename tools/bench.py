@@ -25,6 +25,7 @@ BENCHMARKS = {
     "sampler": "recipes.metaworld.bench:sampler",
     "eval": "recipes.harmodt.bench:eval",
     "surgery-step": "recipes.harmodt.bench:surgery_step",  # MTDT + mean / PCGrad / CAGrad vs an MTDT step
+    "export": "recipes.harmodt.bench:export",               # pruned per-task Prompt-DT vs masked full model
 }
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from maskmtl import MaskedAdamW, group_tasks, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
 from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
@@ -29,6 +30,23 @@ def loss_fn(forward, task: int, batch) -> torch.Tensor:
     x, y = batch
     logits = forward(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
     return F.cross_entropy(logits, y)
+
+
+def example_inputs(data: DigitsTasks, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [2, 64], task [2]): what the model is traced with for structured masks and export."""
+    return data.x_train[:2].to(device), torch.zeros(2, dtype=torch.long, device=device)
+
+
+def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, tuple, dict]:
+    """For ``tools/export.py``: the full model (weights from ``state``), example inputs, and the
+    config that builds the same full model again."""
+    smoke = bool(cfg.smoke)
+    model_config = {"n_in": 64, "n_tasks": len(cfg.tasks), "hidden": 64 if smoke else int(cfg.model.hidden),
+                    "depth": int(cfg.model.depth), "task_input": bool(cfg.model.task_input)}
+    model = MultiTaskMLP(**model_config)
+    model.load_state_dict(state)
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
+    return model, (x, torch.arange(4) % len(cfg.tasks)), model_config
 
 
 @torch.no_grad()
@@ -56,9 +74,11 @@ def run(cfg: DictConfig) -> dict | None:
     data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if smoke else None)
     model = MultiTaskMLP(64, len(tasks), 64 if smoke else cfg.model.hidden, cfg.model.depth,
                          dropout=cfg.model.dropout, task_input=cfg.model.task_input).to(device)
-    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1), example_inputs=example_inputs(data, device))
     masks = masking.masks
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    if masking.structures is not None:
+        print_structure_report(masking.structures)
     if cfg.dry_run:
         return None
     steps = int(cfg.train.steps)
@@ -102,8 +122,9 @@ def run(cfg: DictConfig) -> dict | None:
             # -------------------------------------------------- grouping (G-HarmoDT stage 2)
             if masking.needs_grouping and step == warmup:
                 g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
-                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
-                check_schedule(masking.scheduler, masks)
+                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
+                                structures=masking.structures)
+                check_schedule(masking.scheduler, masks, structures=masking.structures)
                 print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
                 metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})
 

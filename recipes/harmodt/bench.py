@@ -185,3 +185,17 @@ def surgery_step(d_model: int = 128, n_layer: int = 3, batch: int = 16, context:
         **{f"{name}_vs_mtdt_per_task_batch": med[name] / (k * med["mtdt"]) for name in multi},
         **{f"{name}_surgery_only_ms": v for name, v in surgery_ms.items()},
     }
+
+
+def export(d_model: int = 128, n_layer: int = 6, batch: int = 1, context: int = 20, prompt_length: int = 5,
+           granularity: str = "head", **kw) -> dict:
+    """Exported per-task Prompt-DT (masked-out heads and MLP units removed) vs the masked full
+    model at inference: parameters, file size, latency (``maskmtl.bench.compare_export``)."""
+    from maskmtl.bench import compare_export
+    from recipes.harmodt.train import forward_kwargs
+
+    torch.manual_seed(kw.get("seed", 0))
+    model = PromptDT(39, 4, d_model=d_model, n_layer=n_layer)
+    inputs = forward_kwargs(_dt_batches(batch, context, prompt_length, kw.get("seed", 0), 1)[0], True, False)
+    return {"model": f"PromptDT d={d_model} layers={n_layer}", "batch": batch,
+            **compare_export(model, inputs, include=DT_TARGETS[0], exclude=DT_TARGETS[1], granularity=granularity, **kw)}

@@ -28,21 +28,23 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_head={n_head}")
-        self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # n_head × head_dim is d_model when built; an exported model may have fewer heads here
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # output features [q | k | v], each n_head × head_dim
         self.proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x: (B, L, d); allowed: (B, 1, L, L) bool, True where query i may attend to key j
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.reshape(b, n, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, L, L)
+        b, n, _ = x.shape
+        nh, hs = self.n_head, self.head_dim
+        # [q | k | v] -> 3 × (B, nh, L, hs); reshape (not split) so that nh = 0 (every head exported away) works
+        q, k, v = self.qkv(x).reshape(b, n, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, L, L)
         att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         y = self.attn_drop(att) @ v  # (B, nh, L, hs)
-        y = y.transpose(1, 2).reshape(b, n, d)  # (B, L, d)
+        y = y.transpose(1, 2).reshape(b, n, nh * hs)  # (B, L, nh·hs)
         return self.resid_drop(self.proj(y))
 
 
@@ -100,6 +102,15 @@ class PromptDT(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.predict_action = nn.Sequential(nn.Linear(d_model, act_dim), nn.Tanh())
+
+    def attention_heads(self):
+        """Each block's heads, for ``masking.granularity=head`` and export: the fused qkv
+        projection splits into q, k, v blocks of n_head × head_dim; ``proj`` merges the heads."""
+        from maskmtl.structures import AttentionHeads
+
+        return [AttentionHeads(f"blocks.{i}.attn", b.attn.n_head, b.attn.head_dim,
+                               split=((f"blocks.{i}.attn.qkv", 3),), merge=(f"blocks.{i}.attn.proj",))
+                for i, b in enumerate(self.blocks)]
 
     def forward(self, states, actions, rtg, timesteps, mask, prompt=None, task=None) -> torch.Tensor:
         """Predict actions.

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from maskmtl import MaskedAdamW, MaskSet, load_checkpoint, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, kill_point, make_generator, multi_task_step, next_task, plot_curves,
                             plot_masks, print_table, resume_point, start_run, training_progress,
@@ -44,6 +45,50 @@ def make_loss_fn(use_prompt: bool, task_id: bool):
         err = (pred - batch["actions"]).square().mean(-1)  # (B, K)
         return err[batch["mask"]].mean()
     return loss_fn
+
+
+def example_inputs(sampler: SegmentSampler, model_cfg: dict, device) -> dict:
+    """Keyword inputs of one small batch of task 0 (fixed seed), to trace the model for structured
+    masks and export."""
+    b = sampler.sample_task(0, 2, np.random.default_rng(0)).to_torch(device)
+    return forward_kwargs(b, model_cfg["prompt"], model_cfg["task_id"])
+
+
+def forward_kwargs(batch: dict, use_prompt: bool, task_id: bool) -> dict:
+    """The model's keyword inputs from a sampled batch."""
+    prompt = None
+    if use_prompt:
+        prompt = (batch["prompt_states"], batch["prompt_actions"], batch["prompt_returns_to_go"],
+                  batch["prompt_timesteps"], batch["prompt_mask"])
+    return {"states": batch["states"], "actions": batch["actions"], "rtg": batch["returns_to_go"],
+            "timesteps": batch["timesteps"], "mask": batch["mask"], "prompt": prompt,
+            "task": batch["task"] if task_id else None}
+
+
+def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, dict, dict]:
+    """For ``tools/export.py``: the full model (sizes read from the weights in ``state``, so no
+    data is loaded), synthetic example inputs of the right shapes, and the config that builds the
+    same full model again."""
+    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+    d_model, state_dim = state["embed.state.weight"].shape
+    model_config = {"state_dim": int(state_dim), "act_dim": int(state["embed.action.weight"].shape[1]),
+                    "d_model": int(d_model), "n_layer": int(m["n_layer"]), "n_head": int(m["n_head"]),
+                    "dropout": float(m["dropout"]), "max_ep_len": int(state["embed.timestep.weight"].shape[0]),
+                    "use_prompt": bool(m["prompt"]),
+                    "n_tasks": int(state["task_embed.weight"].shape[0]) if m["task_id"] else 0}
+    model = PromptDT(**model_config)
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    k, kp, b = 20, 5, 2
+
+    def seq(n):
+        return {"states": torch.randn(b, n, model_config["state_dim"], generator=g),
+                "actions": torch.rand(b, n, model_config["act_dim"], generator=g) * 2 - 1,
+                "returns_to_go": torch.rand(b, n, 1, generator=g),
+                "timesteps": torch.randint(model_config["max_ep_len"], (b, n), generator=g),
+                "mask": torch.ones(b, n, dtype=torch.bool)}
+    batch = seq(k) | {f"prompt_{key}": v for key, v in seq(kp).items()} | {"task": torch.zeros(b, dtype=torch.long)}
+    return model, forward_kwargs(batch, m["prompt"], m["task_id"]), model_config
 
 
 def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
@@ -132,10 +177,13 @@ def run(cfg: DictConfig) -> dict | None:
                      n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
                      max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
-    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1),
+                      example_inputs=example_inputs(sampler, m, device))
     masks = masking.masks
     multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    if masking.structures is not None:
+        print_structure_report(masking.structures)
     if cfg.dry_run:
         return None
     if masking.needs_grouping:

@@ -80,3 +80,29 @@ def test_bad_unseen_config_fails_before_any_data_or_training(tmp_path, overrides
             f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert p.returncode != 0 and message in p.stderr + p.stdout
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_head_granularity_smoke_and_export(tmp_path):
+    """Structured masks end to end: heads + MLP units trained, then one task exported by the tool."""
+    import subprocess
+    import sys
+
+    from maskmtl.export import read_export_meta
+    from test_recipes import ROOT
+
+    d = tmp_path / "run"
+    # random initializer: ERK makes the small head family dense at this size
+    run("recipe=harmodt", "debug=smoke", "masking.granularity=head", "initializer=random",
+        "initializer.density=0.5", f"hydra.run.dir={d}")
+    r = check_contract(d, "harmodt")
+    assert r["config"]["masking"]["granularity"] == "head"
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(d), f"task={r['tasks'][0]}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["params_exported"] < out["params_full"] and out["max_abs_diff"] <= 1e-5
+    # 4 heads + 128 MLP units at density 0.5: 2 + 64 removed at the start; swaps keep the count
+    assert sum(out["removed_heads"].values()) + sum(out["removed_units"].values()) == 66
+    meta = read_export_meta(out["export"])
+    assert meta["model_config"]["d_model"] == 32 and meta["source"]["task"] == r["tasks"][0]

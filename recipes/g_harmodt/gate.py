@@ -16,6 +16,7 @@ positions the evaluation reads after its probe; ``window=any``: anywhere in the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -193,8 +194,9 @@ class Gate:
         return accuracy_report(pred, y, self.data.n_classes)
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
-                "steps": self.steps}
+        """A copy (later steps do not change it): net, optimizer, sampling RNG, step count."""
+        return copy.deepcopy({"net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                              "rng": self.rng.bit_generator.state, "steps": self.steps})
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])

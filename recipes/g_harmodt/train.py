@@ -23,8 +23,9 @@ labels exist). The final evaluation is task-agnostic (``recipes/g_harmodt/evalua
 evaluations during training, and optionally a final one (``eval.task_provided``), give the task id
 for reference (keys ``eval/<task>/success_id``).
 
-``debug=smoke``: the first 4 tasks of short episodes, N^G capped at 2, warm-up at most half the
-steps, at most 50 gate steps, a 1-layer d=32 model and one 40-step episode per task.
+``debug=smoke``: the first 4 tasks of short episodes (N^G = 2 when more groups than tasks were asked),
+warm-up at most half the steps, at most 50 gate steps, a 1-layer d=32 model and one 40-step
+episode per task.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from maskmtl import MaskedAdamW, check_schedule, group_tasks, load_checkpoint, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking, require
+from maskmtl.config import ConfigError, Masking, build, require
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog, write_json
 from maskmtl.targets import print_target_report, target_report_rows
@@ -112,6 +113,22 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
     if gate_cfg["probe_steps"] >= ev["max_steps"] and gate_cfg["target"] != "none":
         raise ConfigError(f"gate.probe_steps={gate_cfg['probe_steps']}: expected < eval.max_steps={ev['max_steps']}")
+    mcfg = cfg
+    if smoke and "n_groups" in cfg.grouper and cfg.grouper.n_groups > len(data_node["tasks"]):
+        mcfg = cfg.copy()
+        with open_dict(mcfg):
+            mcfg.grouper.n_groups = 2
+    # stage lengths, checked before any data is generated or loaded
+    steps, n_tasks = int(cfg.train.steps), len(dataset_tasks(data_node))
+    try:
+        needs_grouping = build(mcfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    warmup = 0
+    if needs_grouping:
+        warmup = min(int(cfg.grouping.warmup_steps), steps // 2) if smoke else int(cfg.grouping.warmup_steps)
+        if not 0 < warmup < steps:
+            raise ConfigError(f"grouping.warmup_steps={warmup}: expected 0 < warmup < train.steps={steps}")
     dataset = ensure_dataset(data_node, cfg.data_root)
     sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
     tasks = list(dataset.tasks)
@@ -121,20 +138,11 @@ def run(cfg: DictConfig) -> dict | None:
                      n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
                      max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
-    mcfg = cfg
-    if smoke and "n_groups" in cfg.grouper and cfg.grouper.n_groups > 2:
-        mcfg = cfg.copy()
-        with open_dict(mcfg):
-            mcfg.grouper.n_groups = 2
     masking = Masking(mcfg, model, tasks, make_generator(cfg.seed, 1))
     masks = masking.masks
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
-    steps = int(cfg.train.steps)
-    warmup = 0
+    assert masking.needs_grouping == needs_grouping
     if masking.needs_grouping:
-        warmup = min(int(cfg.grouping.warmup_steps), steps // 2) if smoke else int(cfg.grouping.warmup_steps)
-        if not 0 < warmup < steps:
-            raise ConfigError(f"grouping.warmup_steps={warmup}: expected 0 < warmup < train.steps={steps}")
         need, total = masking.scheduler.max_alpha(), masks.numel()
         active = int(round(masking.group_density() * total))
         if need > active or (need > 0 and need > total - active):

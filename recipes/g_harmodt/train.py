@@ -355,7 +355,9 @@ def run(cfg: DictConfig) -> dict | None:
                "gate": gate_report, "best_id": best,
                "rtg_target": {"pooled": routing.pooled_rtg, "per_label": routing.rtg.tolist()},
                "episodes": [e.__dict__ for e in final.episodes], "predictions": predictions,
-               "density": masks.density().tolist(), "resumed_from": start if ckpt is not None else None},
+               "density": masks.density().tolist(), "resumed_from": start if ckpt is not None else None,
+               "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
+                               "with_id": None if with_id is None else {"policy": with_id.policy_s, "sim": with_id.sim_s}}},
     )
     name = f"g_harmodt {cfg.method_name} seed {cfg.seed}"
     plot_curves(out / METRICS, out / "curves.png", title=name)

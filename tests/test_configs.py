@@ -83,6 +83,7 @@ def test_harmodt_overlays_compose(overlay, option):
     cfg = compose_cfg("recipe=harmodt", f"{overlay}={option}")
     if overlay == "method":
         assert cfg.method_name == option
-        assert cfg.model.task_id == (option == "mtdt") and cfg.model.prompt == (option != "mtdt")
+        mtdt = option in ("mtdt", "ta_mtdt", "ta_mtdt_gating")
+        assert cfg.model.task_id == mtdt and cfg.model.prompt == (not mtdt)
     for group in GROUPS:
         build(cfg[group], group, **({"total_steps": 100} if group == "scheduler" else {}))

@@ -53,7 +53,7 @@ from recipes.harmodt.train import make_loss_fn
 from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 
-METHODS = ("g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating")
+METHODS = ("g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt", "ta_mtdt_gating")
 TARGETS = ("group", "task", "none")
 SCHEDULES = ("after", "simultaneous")
 GROUPING = "grouping.json"

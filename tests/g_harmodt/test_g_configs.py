@@ -15,6 +15,8 @@ EXPECT = {  # method: (gate.target, grouper, initializer)
     "ta_harmodt_gating": ("task", "NoneGrouper", "ERKInitializer"),
     "ta_prompt_dt": ("none", "NoneGrouper", "DenseInitializer"),
     "ta_prompt_dt_gating": ("task", "NoneGrouper", "DenseInitializer"),
+    "ta_mtdt": ("none", "NoneGrouper", "DenseInitializer"),
+    "ta_mtdt_gating": ("task", "NoneGrouper", "DenseInitializer"),
 }
 
 
@@ -30,7 +32,8 @@ def test_methods_compose(method):
     target, grouper, init = EXPECT[name]
     assert cfg.method_name == name and cfg.gate.target == target
     assert cfg.grouper._target_.endswith(grouper) and cfg.initializer._target_.endswith(init)
-    assert cfg.data.sampling.state_norm == "all" and cfg.model.prompt and not cfg.model.task_id
+    mtdt = "mtdt" in name
+    assert cfg.data.sampling.state_norm == "all" and cfg.model.prompt != mtdt and cfg.model.task_id == mtdt
 
 
 def test_command_line_beats_method():

@@ -15,7 +15,8 @@ pytest.importorskip("metaworld")
 from maskmtl import read_masks_file  # noqa: E402
 from test_recipes import check_contract, run  # noqa: E402
 
-METHODS = ["g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating"]
+METHODS = ["g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt",
+           "ta_mtdt_gating"]
 
 
 @pytest.mark.slow
@@ -43,7 +44,7 @@ def test_every_method_smoke(tmp_path):
             assert set(r["gate"]["labels"]) == {"0", "1"}
         else:
             assert r["n_groups"] == 4 and r["grouping"] is None
-        dense = "prompt_dt" in r["method"]
+        dense = "prompt_dt" in r["method"] or "mtdt" in r["method"]
         assert all(abs(x - (1.0 if dense else 0.8)) < 0.01 for x in r["density"])
     assert seen == set(METHODS)
 

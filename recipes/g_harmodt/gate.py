@@ -61,6 +61,19 @@ class TransitionStats:
         return x.reshape(x.shape[0], -1).astype(np.float32)
 
 
+def check_gate_data(dataset: OfflineDataset, gn: int, heldout_episodes: int) -> None:
+    """Raise ValueError unless every task can hold out ``heldout_episodes`` episodes, still train on
+    one, and every episode has at least ``gn`` steps."""
+    for t in dataset.tasks:
+        d = dataset[t]
+        if not 1 <= heldout_episodes < d.n_episodes:
+            raise ValueError(f"gate.heldout_episodes={heldout_episodes}: task {t} has {d.n_episodes} episodes; "
+                             f"expected 1 <= heldout_episodes < {d.n_episodes}")
+        if d.episode_lengths().min() < gn:
+            raise ValueError(f"task {t}: an episode of {d.episode_lengths().min()} steps is shorter than "
+                             f"gate.transitions={gn}")
+
+
 class GateData:
     """Every task's data episodes as flat arrays, split by episode into training and held-out.
 
@@ -78,6 +91,7 @@ class GateData:
         tasks = list(dataset.tasks)
         if len(labels) != len(tasks):
             raise ValueError(f"{len(labels)} labels for {len(tasks)} tasks")
+        check_gate_data(dataset, gn, heldout_episodes)
         self.gn, self.labels = int(gn), np.asarray(labels, np.int64)
         self.n_classes = int(self.labels.max()) + 1
         obs, act, rew, begin, length, ep_task, held = [], [], [], [], [], [], []
@@ -85,12 +99,7 @@ class GateData:
         rows = 0
         for i, t in enumerate(tasks):
             d = dataset[t]
-            if not 1 <= heldout_episodes < d.n_episodes:
-                raise ValueError(f"gate.heldout_episodes={heldout_episodes}: task {t} has {d.n_episodes} episodes; "
-                                 f"expected 1 <= heldout_episodes < {d.n_episodes}")
             lens = d.episode_lengths()
-            if lens.min() < self.gn:
-                raise ValueError(f"task {t}: an episode of {lens.min()} steps is shorter than gate.transitions={gn}")
             obs.append(d.observations)
             act.append(d.actions)
             rew.append(d.rewards)

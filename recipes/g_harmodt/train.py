@@ -30,6 +30,7 @@ episode per task.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -45,7 +46,7 @@ from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves, plot_masks, print_table,
                             resume_point, start_run, training_progress, write_results)
 from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
-from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report
+from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, check_gate_data
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
 from recipes.harmodt.model import PromptDT
 from recipes.harmodt.train import evaluate as evaluate_with_id
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"gate.probe_steps={gate_cfg['probe_steps']}: expected < eval.max_steps={ev['max_steps']}")
     mcfg = cfg
     if smoke and "n_groups" in cfg.grouper and cfg.grouper.n_groups > len(data_node["tasks"]):
-        mcfg = cfg.copy()
+        mcfg = copy.deepcopy(cfg)  # cfg itself keeps what was asked
         with open_dict(mcfg):
             mcfg.grouper.n_groups = 2
     # stage lengths, checked before any data is generated or loaded
@@ -134,6 +135,12 @@ def run(cfg: DictConfig) -> dict | None:
     tasks = list(dataset.tasks)
     if m["prompt"] and sampler.config.prompt_length < 1:
         raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+    use_gate = gate_cfg["target"] != "none"
+    if use_gate:
+        try:
+            check_gate_data(dataset, gate_cfg["transitions"], gate_cfg["heldout_episodes"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     model = PromptDT(dataset.obs_dim, dataset.act_dim, d_model=m["d_model"], n_layer=m["n_layer"],
                      n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
                      max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
@@ -157,7 +164,6 @@ def run(cfg: DictConfig) -> dict | None:
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
     returns = [dataset[t].episode_returns() for t in tasks]
     rtg_target = np.array([np.quantile(r, cfg.eval.rtg_quantile) for r in returns])  # with the task id
-    use_gate = gate_cfg["target"] != "none"
 
     def make_gate() -> Gate:
         labels = masks.task_to_group if gate_cfg["target"] == "group" else list(range(len(tasks)))

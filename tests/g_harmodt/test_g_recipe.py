@@ -92,6 +92,7 @@ def test_one_group_per_task_is_harmodt_with_gating(tmp_path):
     ("method=harmodt_f", "method=harmodt_f"),
     ("gate.blind=empty model.task_id=true model.prompt=false", "gate.blind=empty"),
     ("grouping.warmup_steps=0", "grouping.warmup_steps=0: expected 0 < warmup"),
+    ("gate.heldout_episodes=4", "gate.heldout_episodes=4: task basketball-v3 has 4 episodes"),
     ("grouper.n_groups=5 data.tasks=[reach-v3,push-v3,pick-place-v3]", "n_groups=5 exceeds the number of tasks"),
 ])
 def test_bad_config_fails_before_training(tmp_path, override, match):

@@ -75,7 +75,8 @@ def check_gate_data(dataset: OfflineDataset, gn: int, heldout_episodes: int) -> 
 
 
 class GateData:
-    """Every task's data episodes as flat arrays, split by episode into training and held-out.
+    """Every task's data episodes as flat arrays (only the steps a window can reach), split by
+    episode into training and held-out; normalisation statistics over every transition.
 
     Args:
         dataset: the offline data (its data episodes; prompt demonstrations are not used).
@@ -94,32 +95,40 @@ class GateData:
         check_gate_data(dataset, gn, heldout_episodes)
         self.gn, self.labels = int(gn), np.asarray(labels, np.int64)
         self.n_classes = int(self.labels.max()) + 1
-        obs, act, rew, begin, length, ep_task, held = [], [], [], [], [], [], []
+        obs, act, rew, begin, last, ep_task, held = [], [], [], [], [], [], []
+        moments = {"s": [0.0, 0.0], "a": [0.0, 0.0], "r": [0.0, 0.0]}  # Σx, Σx² over every transition
         rng = np.random.default_rng([int(seed), 11])
         rows = 0
         for i, t in enumerate(tasks):
             d = dataset[t]
+            for key, x in (("s", d.observations), ("a", d.actions), ("r", d.rewards)):
+                x = x.astype(np.float64)
+                moments[key][0] += x.sum(0)
+                moments[key][1] += np.square(x).sum(0)
+            # last window start per episode: max_start, cut so that the window stays inside the episode;
+            # only the steps a window can reach are kept (with window=probe, the first probe_steps)
             lens = d.episode_lengths()
-            obs.append(d.observations)
-            act.append(d.actions)
-            rew.append(d.rewards)
-            begin.append(d.episode_starts[:-1] + rows)
-            length.append(lens)
+            last_i = lens - self.gn if max_start is None else np.minimum(lens - self.gn, int(max_start))
+            keep = last_i + self.gn
+            idx = np.concatenate([np.arange(b, b + k) for b, k in zip(d.episode_starts[:-1], keep)])
+            obs.append(d.observations[idx])
+            act.append(d.actions[idx])
+            rew.append(d.rewards[idx])
+            begin.append(np.concatenate([[0], np.cumsum(keep)[:-1]]) + rows)
+            last.append(last_i)
             ep_task.append(np.full(d.n_episodes, i))
             h = np.zeros(d.n_episodes, bool)
             h[rng.choice(d.n_episodes, heldout_episodes, replace=False)] = True
             held.append(h)
-            rows += d.n_transitions
-        self._obs, self._act = np.concatenate(obs), np.concatenate(act)  # (N, S), (N, A) raw
-        self._rew = np.concatenate(rew)  # (N,)
-        self._begin, self._len = np.concatenate(begin), np.concatenate(length)  # (E,)
+            rows += len(idx)
+        self._obs, self._act = np.concatenate(obs), np.concatenate(act)  # (rows, S), (rows, A) raw
+        self._rew = np.concatenate(rew)  # (rows,)
+        self._begin, self._last = np.concatenate(begin), np.concatenate(last)  # (E,)
         self._task, self._held = np.concatenate(ep_task), np.concatenate(held)  # (E,)
-        # last window start per episode: max_start, cut so that the window stays inside the episode
-        last = self._len - self.gn
-        self._last = last if max_start is None else np.minimum(last, int(max_start))
-        r = self._rew.astype(np.float64)
-        self.stats = TransitionStats(self._obs.mean(0), self._obs.std(0) + 1e-6, self._act.mean(0),
-                                     self._act.std(0) + 1e-6, float(r.mean()), float(r.std() + 1e-6))
+        n = sum(dataset[t].n_transitions for t in tasks)
+        mean = {k: v[0] / n for k, v in moments.items()}
+        std = {k: np.sqrt(np.maximum(v[1] / n - np.square(mean[k]), 0.0)) + 1e-6 for k, v in moments.items()}
+        self.stats = TransitionStats(mean["s"], std["s"], mean["a"], std["a"], float(mean["r"]), float(std["r"]))
         # training episodes per task, for a task-balanced draw
         self._train_eps = [np.flatnonzero((self._task == i) & ~self._held) for i in range(len(tasks))]
         self.tasks = tasks

@@ -66,6 +66,12 @@ def test_windows_start_in_the_probe_and_heldout_episodes_never_train():
             assert not any(tuple(np.round(r, 4)) in train_rows for r in ep[:7])
     hx, hy = data.heldout_set()
     assert len(hx) == 4 * 2 * 5  # tasks × held-out episodes × starts 0..4
+    # only the steps a window reaches are kept (7 of 30 per episode); statistics cover every transition
+    assert data._obs.shape[0] == 4 * 6 * 7
+    every = np.concatenate([d[t].observations for t in d.tasks]).astype(np.float64)
+    assert np.allclose(data.stats.s_mean, every.mean(0)) and np.allclose(data.stats.s_std, every.std(0) + 1e-6)
+    rewards = np.concatenate([d[t].rewards for t in d.tasks]).astype(np.float64)
+    assert np.isclose(data.stats.r_mean, rewards.mean()) and np.isclose(data.stats.r_std, rewards.std() + 1e-6)
 
 
 def test_gate_state_resumes_exactly():

@@ -83,7 +83,7 @@ def test_harmodt_overlays_compose(overlay, option):
     cfg = compose_cfg("recipe=harmodt", f"{overlay}={option}")
     if overlay == "method":
         assert cfg.method_name == option
-        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad")  # task-id embedding, no prompt
+        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad", "ta_mtdt", "ta_mtdt_gating")  # task id, no prompt
         assert cfg.model.task_id == mtdt and cfg.model.prompt == (not mtdt)
         assert cfg.train.gradient == {"mtdt_mean": "mean", "pcgrad": "pcgrad", "cagrad": "cagrad"}.get(option, "plain")
     for group in GROUPS:

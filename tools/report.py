@@ -14,7 +14,9 @@ grouper vary over the sweep), columns = task set × data composition (``--cols``
 other factor that varies, except the seed), cell = mean ± sample std over seeds of the run's mean
 over tasks of ``--metric`` (default: the recipe's headline metric), with n. A cell holding partial
 runs is marked ``*``. Printed as a rich table; written (never overwriting anything) as Markdown,
-CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band.
+CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band. For
+task-agnostic sweeps (g_harmodt), ``_groups.png`` plots the metric and the gate's accuracy vs the
+number of groups per method.
 """
 
 from __future__ import annotations
@@ -278,6 +280,56 @@ def curves_png(cells: list[dict], metric: str) -> bytes:
     return buf.getvalue()
 
 
+def groups_points(runs: list[Run], metric: str) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """method -> number of groups -> {metric, "heldout", "rollout"} -> one value per finished run
+    whose results.json has ``n_groups`` and ``gate`` (the g_harmodt recipe)."""
+    points: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for r in (r for r in runs if r.complete):
+        res = json.loads((r.path / "results.json").read_text())
+        if "n_groups" not in res or "gate" not in res:
+            continue
+        at = points.setdefault(str(res.get("method", "?")), {}).setdefault(int(res["n_groups"]), {})
+        at.setdefault(metric, []).append(float(res["mean"][metric]))
+        for kind in ("heldout", "rollout"):
+            acc = (res["gate"] or {}).get(kind, {}).get("overall")
+            if acc is not None:
+                at.setdefault(kind, []).append(float(acc))
+    return points
+
+
+def groups_png(runs: list[Run], metric: str) -> bytes | None:
+    """Task-agnostic sweeps: the metric and the gate's accuracy (held-out episodes, evaluation
+    episodes) vs the number of groups, one line per method, mean ± std over seeds (journal Fig. 3).
+    ``None`` when no finished run is of that kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = groups_points(runs, metric)
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, by_n in sorted(points.items()):
+        ns = sorted(by_n)
+        for ax, key, style in ((axes[0], metric, "-o"), (axes[1], "heldout", "-o"), (axes[1], "rollout", "--s")):
+            pts = [(n, _stats(by_n[n][key])) for n in ns if by_n[n].get(key)]
+            if not pts:
+                continue
+            label = method if key == metric else f"{method} ({key})"
+            ax.errorbar([n for n, _ in pts], [m for _, (m, _) in pts], yerr=[sd for _, (_, sd) in pts], fmt=style,
+                        capsize=3, label=label)
+    axes[0].set(xlabel="number of groups N^G", ylabel=f"{metric} (mean over tasks)", title=f"{metric} vs groups")
+    axes[1].set(xlabel="number of groups N^G", ylabel="gate accuracy", title="gate accuracy vs groups", ylim=(0, 1.05))
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def write_new(path: Path, data: bytes) -> None:
     """Atomically create ``path``; an existing file is never replaced (FileExistsError)."""
@@ -321,10 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         write_new(stem.with_suffix(".md"), markdown(cells, title, notes).encode())
         write_new(stem.with_suffix(".csv"), csv_text(cells, rows, cols, metric).encode())
         write_new(stem.with_suffix(".png"), curves_png(cells, metric))
+        groups = groups_png(runs, metric)
+        if groups is not None:
+            write_new(stem.with_name(stem.name + "_groups.png"), groups)
     except (ReportError, FileExistsError) as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 1
-    print(f"report: {stem}.md, {stem}.csv, {stem}.png")
+    print(f"report: {stem}.md, {stem}.csv, {stem}.png" + (f", {stem}_groups.png" if groups is not None else ""))
     return 0
 
 

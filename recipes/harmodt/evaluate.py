@@ -111,20 +111,45 @@ class GridPolicy:
         return out[:, :, -1]  # (T, n, A)
 
 
+@dataclass
+class GridHistory:
+    """What a (T, n) grid has played so far, handed to ``run_grid``'s ``on_step`` hook.
+
+    ``states`` (T, n, max_steps, S) normalised with ``state_mean``/``state_std`` (T, 1, S);
+    ``actions`` (T, n, max_steps, A); ``rewards`` (T, n, max_steps) raw; ``rtg`` (T, n, max_steps, 1)
+    divided by ``reward_scale``; ``done`` (T, n) bool; ``steps`` (T, n) steps played. Step t is filled once the hook for t runs;
+    states and rtg also hold step t + 1. The hook may rewrite ``rtg`` (e.g. a new return target).
+    """
+
+    states: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    rtg: np.ndarray
+    done: np.ndarray
+    steps: np.ndarray
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    reward_scale: float
+
+
 def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task_index: Sequence[int],
              episode_ids: Sequence[int], *, seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              rtg_target: np.ndarray, reward_scale: float, context: int, max_steps: int,
-             stop_on_success: bool, act_dim: int = 4) -> EvalReport:
+             stop_on_success: bool, act_dim: int = 4,
+             on_step: Callable[[int, GridHistory], None] | None = None) -> EvalReport:
     """Play one episode in every env of the (T, n) grid, all stepping together.
 
     ``envs[i][j]`` plays episode ``episode_ids[j]`` of task ``task_names[i]``. ``state_mean``/
-    ``state_std``/``rtg_target`` have one row per grid row.
+    ``state_std``/``rtg_target`` have one row per grid row. ``on_step(t, history)``, if given, runs
+    after every env has played step t (0-based), before the policy acts for step t + 1: it may
+    change what the policy does next (e.g. route envs to other parameters) and rewrite ``rtg``.
     """
     t_rows, n = len(envs), len(envs[0])
     obs_dim = state_mean.shape[-1]
     states = np.zeros((t_rows, n, max_steps, obs_dim), np.float32)
     actions = np.zeros((t_rows, n, max_steps, act_dim), np.float32)
     rtg = np.zeros((t_rows, n, max_steps, 1), np.float32)
+    rewards = np.zeros((t_rows, n, max_steps), np.float32)
     ret = np.zeros((t_rows, n))
     success = np.zeros((t_rows, n), bool)
     done = np.zeros((t_rows, n), bool)
@@ -140,6 +165,7 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
     states[:, :, 0] = (states[:, :, 0] - mean) / std
     rtg[:, :, 0, 0] = (rtg_target / reward_scale)[:, None]
     report = EvalReport([])
+    history = GridHistory(states, actions, rewards, rtg, done, steps, mean, std, reward_scale)
     for t in range(max_steps):
         lo = max(0, t + 1 - context)
         k = t + 1 - lo
@@ -162,6 +188,7 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
                 obs, r, _, _, info = envs[i][j].step(act[i, j])
                 report.env_steps += 1
                 ret[i, j] += r
+                rewards[i, j, t] = r
                 steps[i, j] += 1
                 success[i, j] |= bool(info["success"])
                 if t + 1 < max_steps:
@@ -171,6 +198,8 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
                     done[i, j] = True
         report.policy_s += t1 - t0
         report.sim_s += time.perf_counter() - t1
+        if on_step is not None:
+            on_step(t, history)
         if done.all():
             break
     for i in range(t_rows):

@@ -1,0 +1,376 @@
+"""G-HarmoDT recipe (journal Sec. IV-C, Algorithms 3-5): group-wise masks and a gating network, so
+that a Prompt Decision Transformer needs no task id at evaluation.
+
+    python tools/run.py recipe=g_harmodt                                 # G-HarmoDT, N^G = 5, CPU profile
+    python tools/run.py recipe=g_harmodt grouper.n_groups=3              # another group count
+    python tools/run.py recipe=g_harmodt method=ta_harmodt_gating        # HarmoDT, gate predicts the task
+    python tools/run.py recipe=g_harmodt method=ta_prompt_dt             # Prompt-DT, no id, no gate
+    python tools/run.py recipe=g_harmodt debug=smoke                     # seconds, on CPU
+
+Stages (with ``grouper=knn`` and N^G < N):
+1. dense warm-up for ``grouping.warmup_steps`` steps (all-ones masks, dense forward and AdamW);
+2. at that step, ``maskmtl.group_tasks``: each task's harmony vector with the all-ones mask, the
+   grouper's clusters, and group masks from the summed scores at the initializer's density; the
+   groups, the distances between the tasks' vectors and the vectors themselves are written to
+   ``grouping.json`` / ``harmony_vectors.safetensors``;
+3. group-wise training (a task steps on its group's mask) with group-wise mask updates every t_m.
+With ``grouper=none`` (or N^G = N) there is no warm-up: per-task masks from the start (HarmoDT).
+
+The gate (``recipes/g_harmodt/gate.py``) learns ``gate.target`` labels (group, or task for the
+"+gating" baselines) from the offline data, either after the main model (``gate.schedule=after``,
+``gate.steps`` steps) or alongside it (``simultaneous``: one gate step per training step once the
+labels exist). The final evaluation is task-agnostic (``recipes/g_harmodt/evaluate.py``);
+evaluations during training, and optionally a final one (``eval.task_provided``), give the task id
+for reference (keys ``eval/<task>/success_id``).
+
+``debug=smoke``: the first 4 tasks of short episodes (N^G = 2 when more groups than tasks were asked),
+warm-up at most half the steps, at most 50 gate steps, a 1-layer d=32 model and one 40-step
+episode per task.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+
+from maskmtl import MaskedAdamW, check_schedule, group_tasks, load_checkpoint, save_checkpoint, save_masks
+from maskmtl.config import ConfigError, Masking, build, require
+from maskmtl.masks import atomic_write_bytes
+from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog, write_json
+from maskmtl.targets import print_target_report, target_report_rows
+from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves, plot_masks, print_table,
+                            resume_point, start_run, training_progress, write_results)
+from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
+from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, check_gate_data
+from recipes.g_harmodt.plots import plot_gate, plot_grouping
+from recipes.harmodt.model import PromptDT
+from recipes.harmodt.train import evaluate as evaluate_with_id
+from recipes.harmodt.train import make_loss_fn
+from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data
+from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
+
+METHODS = ("g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt", "ta_mtdt_gating")
+TARGETS = ("group", "task", "none")
+SCHEDULES = ("after", "simultaneous")
+GROUPING = "grouping.json"
+VECTORS = "harmony_vectors.safetensors"
+
+
+def check_gate_config(cfg: DictConfig, m: dict) -> None:
+    """Every ``gate.*`` key and the recipe's task-agnostic requirements, before anything is built."""
+    is_int = lambda lo: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo)  # noqa: E731
+    if cfg.method_name not in METHODS:
+        raise ConfigError(f"method={cfg.method_name}: the g_harmodt recipe's methods are {METHODS} "
+                          f"(the task-id methods belong to recipe=harmodt)")
+    require(cfg, "gate.target", lambda v: v in TARGETS, f"one of {TARGETS}")
+    require(cfg, "gate.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
+    require(cfg, "gate.probe_params", lambda v: v in PROBE_PARAMS, f"one of {PROBE_PARAMS}")
+    require(cfg, "gate.blind", lambda v: v in BLIND, f"one of {BLIND}")
+    require(cfg, "gate.window", lambda v: v in WINDOWS, f"one of {WINDOWS}")
+    gn = require(cfg, "gate.transitions", is_int(1), "an integer >= 1 (gn)")
+    probe = require(cfg, "gate.probe_steps", is_int(1), "an integer >= 1")
+    if probe < gn:
+        raise ConfigError(f"gate.probe_steps={probe}: expected >= gate.transitions={gn} (the gate reads the "
+                          f"probe's last gn transitions)")
+    for key in ("gate.steps", "gate.batch_size", "gate.hidden", "gate.heldout_episodes"):
+        require(cfg, key, is_int(1), "an integer >= 1")
+    require(cfg, "gate.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+    require(cfg, "gate.voting_thresh", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
+    if cfg.gate.blind == "empty" and (m["task_id"] or not m["prompt"]):
+        raise ConfigError("gate.blind=empty: only a prompt model without task ids can act without a task "
+                          "(use gate.blind=random)")
+    if cfg.data.sampling.state_norm == "task":
+        raise ConfigError("data.sampling.state_norm=task: per-task state statistics tell the policy its task; "
+                          "task-agnostic evaluation needs all (pooled) or none")
+
+
+def group_record(tasks: list[str], g: dict, step: int) -> dict:
+    """The grouping stage's record: groups, harmony, and cosine distances between task vectors."""
+    v = g["task_vectors"].detach().double().cpu()
+    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
+    return {"step": step, "tasks": tasks, "task_to_group": list(g["task_to_group"]), "harmony": float(g["harmony"]),
+            "cosine_distance": dist.tolist(), "vector_norm": v.norm(dim=1).tolist()}
+
+
+def run(cfg: DictConfig) -> dict | None:
+    # ------------------------------------------------------------------ build
+    t_start, device, out = start_run(cfg)
+    smoke = bool(cfg.smoke)
+    data_node = cfg.data
+    if smoke:
+        data_node = smoke_data(cfg.data)
+        data_node["tasks"] = dataset_tasks(cfg.data)[:4]
+    ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if smoke else {})
+    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if smoke else {})
+    gate_cfg = dict(cfg.gate) | ({"steps": min(int(cfg.gate.steps), 50)} if smoke else {})
+    check_gate_config(cfg, m)
+    if not 1 <= ev["max_steps"] <= 500:
+        raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
+    if gate_cfg["probe_steps"] >= ev["max_steps"] and gate_cfg["target"] != "none":
+        raise ConfigError(f"gate.probe_steps={gate_cfg['probe_steps']}: expected < eval.max_steps={ev['max_steps']}")
+    mcfg = cfg
+    if smoke and "n_groups" in cfg.grouper and cfg.grouper.n_groups > len(data_node["tasks"]):
+        mcfg = copy.deepcopy(cfg)  # cfg itself keeps what was asked
+        with open_dict(mcfg):
+            mcfg.grouper.n_groups = 2
+    # stage lengths, checked before any data is generated or loaded
+    steps, n_tasks = int(cfg.train.steps), len(dataset_tasks(data_node))
+    try:
+        needs_grouping = build(mcfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    warmup = 0
+    if needs_grouping:
+        warmup = min(int(cfg.grouping.warmup_steps), steps // 2) if smoke else int(cfg.grouping.warmup_steps)
+        if not 0 < warmup < steps:
+            raise ConfigError(f"grouping.warmup_steps={warmup}: expected 0 < warmup < train.steps={steps}")
+    dataset = ensure_dataset(data_node, cfg.data_root)
+    sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
+    tasks = list(dataset.tasks)
+    if m["prompt"] and sampler.config.prompt_length < 1:
+        raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+    use_gate = gate_cfg["target"] != "none"
+    if use_gate:
+        try:
+            check_gate_data(dataset, gate_cfg["transitions"], gate_cfg["heldout_episodes"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    model = PromptDT(dataset.obs_dim, dataset.act_dim, d_model=m["d_model"], n_layer=m["n_layer"],
+                     n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
+                     max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
+                     n_tasks=len(tasks) if m["task_id"] else 0).to(device)
+    masking = Masking(mcfg, model, tasks, make_generator(cfg.seed, 1))
+    masks = masking.masks
+    print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
+    assert masking.needs_grouping == needs_grouping
+    if masking.needs_grouping:
+        need, total = masking.scheduler.max_alpha(), masks.numel()
+        active = int(round(masking.group_density() * total))
+        if need > active or (need > 0 and need > total - active):
+            raise ConfigError(f"scheduler: alpha reaches {need} but group masks will have {active} active and "
+                              f"{total - active} inactive entries (density {masking.group_density()})")
+    if cfg.dry_run:
+        return None
+    optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    loss_fn = make_loss_fn(m["prompt"], m["task_id"])
+    gens = {"tasks": make_generator(cfg.seed, 3)}
+    rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
+    returns = [dataset[t].episode_returns() for t in tasks]
+    rtg_target = np.array([np.quantile(r, cfg.eval.rtg_quantile) for r in returns])  # with the task id
+
+    def make_gate() -> Gate:
+        labels = masks.task_to_group if gate_cfg["target"] == "group" else list(range(len(tasks)))
+        max_start = gate_cfg["probe_steps"] - gate_cfg["transitions"] if gate_cfg["window"] == "probe" else None
+        try:
+            data = GateData(dataset, labels, gate_cfg["transitions"], max_start, gate_cfg["heldout_episodes"], cfg.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return Gate(data, hidden=gate_cfg["hidden"], lr=gate_cfg["lr"], batch_size=gate_cfg["batch_size"],
+                    seed=cfg.seed, device=device)
+
+    gate = None
+    start, wall_before, best = 0, 0.0, None
+    ckpt = resume_point(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                map_location=device)
+        start, extra = state["step"], state["extra"]
+        wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
+        for k, r in rngs.items():
+            r.bit_generator.state = extra["numpy_rngs"][k]
+        if extra.get("gate") is not None:
+            gate = make_gate()
+            gate.load_state_dict(extra["gate"])
+        print(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+    envs = None  # built at the first evaluation, reused after
+
+    def make_envs():
+        from recipes.metaworld.generate import make_env
+        return [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+
+    def batch_for(task: int, rng: np.random.Generator) -> dict:
+        return sampler.sample_task(task, cfg.train.batch_size, rng).to_torch(device)
+
+    def score_batches(task: int):
+        return [batch_for(task, rngs["scores"]) for _ in range(cfg.masking.grad_batches)]
+
+    def extra_state():
+        return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
+                "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()},
+                "gate": gate.state_dict() if gate is not None else None}
+
+    def lr_at(step: int) -> float:  # linear warm-up, then constant (spec §8)
+        return cfg.train.lr * min(1.0, step / max(1, cfg.train.warmup_steps))
+
+    # ------------------------------------------------------------------ train
+    model.train()
+    with training_progress(steps, start) as progress, Preemption() as preemption:
+        for step in range(start + 1, steps + 1):
+            task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
+            dense_stage = step <= warmup  # stage 1: dense θ, no masks
+            for pg in optimizer.param_groups:
+                pg["lr"] = lr_at(step)
+            loss = loss_fn(masking.model.bind(None if dense_stage else task), task, batch_for(task, rngs["data"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step(group=None if dense_stage else masks.group_of(task))
+            metrics = {}
+
+            # -------------------------------------------------- grouping (stage 2, Algorithm 4)
+            if masking.needs_grouping and step == warmup:
+                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
+                check_schedule(masking.scheduler, masks)
+                record = group_record(tasks, g, step)
+                write_json(out / GROUPING, record)
+                from safetensors.torch import save as st_save
+                atomic_write_bytes(out / VECTORS, st_save({"vectors": g["task_vectors"].detach().float().cpu().contiguous()},
+                                                          metadata={"tasks": json.dumps(tasks)}))
+                print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
+                metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})
+
+            # -------------------------------------------------- group-wise mask update (Algorithm 5)
+            elif step > warmup and masking.updater.due(step):
+                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+
+            # -------------------------------------------------- gate, trained alongside
+            if use_gate and gate_cfg["schedule"] == "simultaneous" and step >= warmup:
+                if gate is None:
+                    gate = make_gate()
+                gate_loss = gate.step()
+                if step % cfg.train.log_every == 0:
+                    metrics["train/gate_loss"] = gate_loss
+
+            if step % cfg.train.log_every == 0:
+                metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step)})
+
+            # -------------------------------------------------- evaluate (task id given, for reference)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                envs = envs or make_envs()
+                rep = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
+                metrics.update({f"eval/{t}/success_id": v["success"] for t, v in rep.per_task.items()})
+                metrics.update({"eval/mean_success_id": mean_success, "time/eval_policy_s": rep.policy_s})
+                if best is None or mean_success > best["mean_success"]:
+                    best = {"step": step, "mean_success": mean_success, "per_task": rep.per_task}
+            if metrics:
+                log.log(step, metrics)
+            periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            if step < steps and (periodic or preemption.requested):  # preempted: checkpoint now, requeue
+                save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
+                                generators=gens, extra=extra_state())
+                if preemption.requested:
+                    preemption.stop(step, out / CHECKPOINT)
+            progress.advance(loss=loss.item())
+            kill_point(step)
+
+    # ------------------------------------------------------------------ gate, trained after
+    log.close()
+    log = MetricsLog(out / METRICS)
+    if use_gate and gate_cfg["schedule"] == "after":
+        gate = make_gate()
+        t0 = time.perf_counter()
+        for k in range(1, gate_cfg["steps"] + 1):
+            gate_loss = gate.step()
+            if k % max(1, gate_cfg["steps"] // 10) == 0 or k == gate_cfg["steps"]:
+                log.log(steps, {"train/gate_step": k, "train/gate_loss": gate_loss})
+        print(f"gate: {gate_cfg['steps']} steps in {time.perf_counter() - t0:.1f} s, last loss {gate_loss:.4f}")
+
+    # ------------------------------------------------------------------ finish: task-agnostic evaluation
+    envs = envs or make_envs()
+    t2g = masks.task_to_group
+    if gate_cfg["target"] == "group":
+        members = [[i for i in range(len(tasks)) if t2g[i] == g] for g in range(masks.n_groups)]
+        label_group = list(range(masks.n_groups))
+    else:  # task labels (also used, unrouted, when there is no gate)
+        members = [[i] for i in range(len(tasks))]
+        label_group = list(t2g)
+    routing = Routing(group=label_group, members=members,
+                      rtg=np.array([np.quantile(np.concatenate([returns[i] for i in mem]), cfg.eval.rtg_quantile)
+                                    for mem in members]),
+                      pooled_rtg=float(np.quantile(np.concatenate(returns), cfg.eval.rtg_quantile)))
+    prompts = None
+    if m["prompt"]:
+        b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
+        prompts = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
+                   b["prompt_mask"])
+    final, predictions = evaluate_agnostic(
+        model, masks=masks, gate=gate, routing=routing, probe_params=gate_cfg["probe_params"],
+        voting_thresh=gate_cfg["voting_thresh"], prompts=prompts, task_ids=m["task_id"], blind=gate_cfg["blind"],
+        probe_steps=gate_cfg["probe_steps"], gn=gate_cfg["transitions"], envs=envs, tasks=tasks,
+        state_mean=sampler.state_mean, state_std=sampler.state_std, reward_scale=sampler.config.reward_scale,
+        context=sampler.config.context, ev=ev)
+    with_id = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device) if ev["task_provided"] else None
+
+    # ------------------------------------------------------------------ results
+    gate_report = None
+    per_task = {t: {"success": v["success"], "return": v["return"]} for t, v in final.per_task.items()}
+    if use_gate:
+        labels = np.asarray(gate.data.labels)
+        seen = [p for p in predictions if p["label"] >= 0]
+        truth = [int(labels[tasks.index(p["task"])]) for p in seen]
+        rollout = accuracy_report([p["label"] for p in seen], truth, gate.data.n_classes)
+        gate_report = {"target": gate_cfg["target"], "schedule": gate_cfg["schedule"], "steps": gate.steps,
+                       "labels": {str(k): [tasks[i] for i in mem] for k, mem in enumerate(members)},
+                       "heldout": gate.heldout_accuracy(), "rollout": rollout,
+                       "heldout_episodes": gate.data.heldout()}
+        for t in tasks:
+            mine = [p for p in seen if p["task"] == t]
+            lab = int(labels[tasks.index(t)])
+            per_task[t]["gate_correct"] = float(np.mean([p["label"] == lab for p in mine])) if mine else float("nan")
+    if with_id is not None:
+        for t, v in with_id.per_task.items():
+            per_task[t]["success_id"] = v["success"]
+    final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
+    metrics = {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()} | {"eval/mean_success": final_mean}
+    if with_id is not None:
+        metrics["eval/mean_success_id"] = float(np.mean([v["success"] for v in with_id.per_task.values()]))
+    if gate_report is not None:
+        metrics["eval/gate_accuracy_heldout"] = gate_report["heldout"]["overall"]
+        metrics["eval/gate_accuracy_rollout"] = gate_report["rollout"]["overall"]
+    log.log(steps, metrics)
+    log.close()
+    save_masks(masks, out / MASKS)
+    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer,
+                    generators=gens, extra=extra_state())
+    grouping = json.loads((out / GROUPING).read_text()) if masking.needs_grouping else None
+    title = f"g_harmodt ({cfg.method_name}, {masks.n_groups} groups, gate: {gate_cfg['target']})"
+    print_table(f"{title}: task-agnostic success after {steps} steps", per_task)
+    if gate_report is not None:
+        print(f"groups: {gate_report['labels'] if gate_cfg['target'] == 'group' else dict(zip(tasks, t2g))}")
+        print(f"gate accuracy: held-out episodes {gate_report['heldout']['overall']:.3f} "
+              f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
+              f"{gate_report['rollout']['overall'] if gate_report['rollout']['overall'] is not None else float('nan'):.3f}")
+    results = write_results(
+        out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=steps,
+        wall_time_s=extra_state()["wall_time_s"],
+        extra={"method": cfg.method_name, "protocol": "task_agnostic", "n_groups": masks.n_groups,
+               "task_to_group": list(t2g), "groups": {str(g): [tasks[i] for i in range(len(tasks)) if t2g[i] == g]
+                                                       for g in range(masks.n_groups)},
+               "grouping": None if grouping is None else {k: grouping[k] for k in ("step", "harmony")},
+               "gate": gate_report, "best_id": best,
+               "rtg_target": {"pooled": routing.pooled_rtg, "per_label": routing.rtg.tolist()},
+               "episodes": [e.__dict__ for e in final.episodes], "predictions": predictions,
+               "density": masks.density().tolist(), "resumed_from": start if ckpt is not None else None,
+               "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
+                               "with_id": None if with_id is None else {"policy": with_id.policy_s, "sim": with_id.sim_s}}},
+    )
+    name = f"g_harmodt {cfg.method_name} seed {cfg.seed}"
+    plot_curves(out / METRICS, out / "curves.png", title=name)
+    plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)
+    if grouping is not None:
+        plot_grouping(grouping, out / "grouping.png", title=name, seed=cfg.seed)
+    if gate_report is not None:
+        plot_gate(gate_report, out / "gate.png", title=name)
+    print(f"results: {out / 'results.json'}")
+    return results

@@ -155,6 +155,9 @@ def run(cfg: DictConfig) -> dict | None:
     data_node = smoke_data(cfg.data) if cfg.smoke else cfg.data
     ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if cfg.smoke else {})
     m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+    if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
+        raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
+                          f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f")
     if not 1 <= ev["max_steps"] <= 500:
         raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
     unseen = unseen_tasks(data_node)  # checked before any data is generated

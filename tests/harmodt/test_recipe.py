@@ -74,8 +74,9 @@ def test_unseen_tasks_are_evaluated_with_the_voting_mask(tmp_path):
     (["data=ml45_tiny", "data.prompt_demos=0"], "data.prompt_demos must be >= 1"),
     (["data.unseen_tasks=[dial-turn-v3]"], "are training tasks too"),
     (["data=ml45_tiny", "eval.voting_threshold=0"], "eval.voting_threshold=0"),
+    (["method=ta_harmodt_gating"], "belongs to recipe=g_harmodt"),
 ])
-def test_bad_unseen_config_fails_before_any_data_or_training(tmp_path, overrides, message):
+def test_bad_config_fails_before_any_data_or_training(tmp_path, overrides, message):
     p = run("recipe=harmodt", "debug=smoke", *overrides, f"data_root={tmp_path / 'data'}",
             f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert p.returncode != 0 and message in p.stderr + p.stdout

@@ -358,7 +358,7 @@ def run(cfg: DictConfig) -> dict | None:
                "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
                                "with_id": None if with_id is None else {"policy": with_id.policy_s, "sim": with_id.sim_s}}},
     )
-    name = f"g_harmodt {cfg.method_name} seed {cfg.seed}"
+    name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
     plot_curves(out / METRICS, out / "curves.png", title=name)
     plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)
     if grouping is not None:

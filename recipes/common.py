@@ -33,6 +33,24 @@ def resume_point(out: Path) -> Path | None:
     return ckpt if ckpt.exists() else None
 
 
+def restore_run(out: Path, *, model, masks, optimizer, generators: dict, numpy_rngs: dict | None = None,
+                device=None) -> tuple[int, dict, Path | None]:
+    """Resume from ``out``'s checkpoint when it has one: model, masks, optimizer and torch
+    generators are loaded, the numpy generators (saved under ``extra["numpy_rngs"]``) restored in
+    place. Returns ``(step, extra, checkpoint)``; ``(0, {}, None)`` for a fresh run."""
+    from maskmtl import load_checkpoint
+
+    ckpt = resume_point(out)
+    if ckpt is None:
+        return 0, {}, None
+    state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=generators,
+                            map_location=device)
+    for k, r in (numpy_rngs or {}).items():
+        r.bit_generator.state = state["extra"]["numpy_rngs"][k]
+    print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state["extra"], ckpt
+
+
 def start_run(cfg: DictConfig):
     """The start every recipe shares: validate ``train.*``, set threads, pick the device, seed the
     global RNGs. Returns ``(t_start, device, run_dir)``."""

@@ -273,11 +273,7 @@ def curves_png(cells: list[dict], metric: str) -> bytes:
                             color=line.get_color(), alpha=0.2)
         ax.set(xlabel="step", ylabel=f"{metric} (mean over tasks)", title=col)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def groups_points(runs: list[Run], metric: str) -> dict[str, dict[int, dict[str, list[float]]]]:
@@ -323,6 +319,13 @@ def groups_png(runs: list[Run], metric: str) -> bytes | None:
     axes[1].set(xlabel="number of groups N^G", ylabel="gate accuracy", title="gate accuracy vs groups", ylim=(0, 1.05))
     for ax in axes:
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (laid out, then closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

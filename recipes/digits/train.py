@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from maskmtl import MaskedAdamW, group_tasks, load_checkpoint, save_checkpoint, save_masks
+from maskmtl import MaskedAdamW, group_tasks, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
 from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
-                            plot_masks, print_table, resume_point, start_run, training_progress,
+                            plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
@@ -89,13 +89,9 @@ def run(cfg: DictConfig) -> dict | None:
                             weight_decay=cfg.train.weight_decay)
     gens = {"data": make_generator(cfg.seed, 2), "tasks": make_generator(cfg.seed, 3),
             "scores": make_generator(cfg.seed, 4)}
-    start, wall_before = 0, 0.0
-    ckpt = resume_point(out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                map_location=device)
-        start, wall_before = state["step"], state["extra"].get("wall_time_s", 0.0)
-        print(f"resumed from {ckpt} at step {start}")
+    start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                     device=device)
+    wall_before = extra.get("wall_time_s", 0.0)
     log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
 
     def to_dev(batch):

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
-from maskmtl import MaskedAdamW, check_schedule, group_tasks, load_checkpoint, save_checkpoint, save_masks
+from maskmtl import MaskedAdamW, check_schedule, group_tasks, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking, build, require
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog, write_json
 from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves, plot_masks, print_table,
-                            resume_point, start_run, training_progress, write_results)
+                            restore_run, start_run, training_progress, write_results)
 from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
 from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, check_gate_data
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
@@ -176,19 +176,12 @@ def run(cfg: DictConfig) -> dict | None:
                     seed=cfg.seed, device=device)
 
     gate = None
-    start, wall_before, best = 0, 0.0, None
-    ckpt = resume_point(out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                map_location=device)
-        start, extra = state["step"], state["extra"]
-        wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
-        for k, r in rngs.items():
-            r.bit_generator.state = extra["numpy_rngs"][k]
-        if extra.get("gate") is not None:
-            gate = make_gate()
-            gate.load_state_dict(extra["gate"])
-        print(f"resumed from {ckpt} at step {start}")
+    start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                     numpy_rngs=rngs, device=device)
+    wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
+    if extra.get("gate") is not None:
+        gate = make_gate()
+        gate.load_state_dict(extra["gate"])
     log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
     envs = None  # built at the first evaluation, reused after
 
@@ -365,7 +358,7 @@ def run(cfg: DictConfig) -> dict | None:
                "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
                                "with_id": None if with_id is None else {"policy": with_id.policy_s, "sim": with_id.sim_s}}},
     )
-    name = f"g_harmodt {cfg.method_name} seed {cfg.seed}"
+    name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
     plot_curves(out / METRICS, out / "curves.png", title=name)
     plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)
     if grouping is not None:

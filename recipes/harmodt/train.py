@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from maskmtl import MaskedAdamW, MaskSet, load_checkpoint, save_checkpoint, save_masks
+from maskmtl import MaskedAdamW, MaskSet, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, kill_point, make_generator, multi_task_step, next_task, plot_curves,
-                            plot_masks, print_table, resume_point, start_run, training_progress,
+                            plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
@@ -197,16 +197,9 @@ def run(cfg: DictConfig) -> dict | None:
     loss_fn = make_loss_fn(m["prompt"], m["task_id"])
     gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
-    start, wall_before, best = 0, 0.0, None
-    ckpt = resume_point(out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                map_location=device)
-        start, extra = state["step"], state["extra"]
-        wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
-        for k, r in rngs.items():
-            r.bit_generator.state = extra["numpy_rngs"][k]
-        print(f"resumed from {ckpt} at step {start}")
+    start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                                     numpy_rngs=rngs, device=device)
+    wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
     log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
     envs = None  # built at the first evaluation, reused after
 

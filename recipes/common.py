@@ -386,6 +386,15 @@ class Preemption:
             signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
 
+    def checkpoint(self, step: int, total: int, every: int, save, path: Path) -> None:
+        """End of training step ``step`` of ``total``: call ``save()`` (which writes ``path``) every
+        ``every`` steps (0: never; the last step is left to the run's finish) and at once when a
+        preemption signal came, then hand over to the requeue (:meth:`stop`)."""
+        if step < total and ((every and step % every == 0) or self.requested):
+            save()
+            if self.requested:
+                self.stop(step, path)
+
     def stop(self, step: int, checkpoint: Path) -> None:
         """Hand over after ``checkpoint`` (of ``step``) was written: never returns."""
         name = signal_name(self.signum)

@@ -136,12 +136,9 @@ def run(cfg: DictConfig) -> dict | None:
                 metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
             if metrics:
                 log.log(step, metrics)
-            periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-            if step < steps and (periodic or preemption.requested):  # preempted: checkpoint now, then requeue
-                save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
-                                generators=gens, extra={"wall_time_s": wall_before + time.perf_counter() - t_start})
-                if preemption.requested:
-                    preemption.stop(step, out / CHECKPOINT)
+            preemption.checkpoint(step, steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
+                out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                extra={"wall_time_s": wall_before + time.perf_counter() - t_start}), out / CHECKPOINT)
             progress.advance(loss=loss.item())
             kill_point(step)
 

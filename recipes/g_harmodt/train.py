@@ -258,12 +258,9 @@ def run(cfg: DictConfig) -> dict | None:
                     best = {"step": step, "mean_success": mean_success, "per_task": rep.per_task}
             if metrics:
                 log.log(step, metrics)
-            periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-            if step < steps and (periodic or preemption.requested):  # preempted: checkpoint now, requeue
-                save_checkpoint(out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer,
-                                generators=gens, extra=extra_state())
-                if preemption.requested:
-                    preemption.stop(step, out / CHECKPOINT)
+            preemption.checkpoint(step, steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
+                out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer, generators=gens,
+                extra=extra_state()), out / CHECKPOINT)
             progress.advance(loss=loss.item())
             kill_point(step)
 

@@ -50,7 +50,7 @@ from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, che
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
 from recipes.harmodt.model import PromptDT
 from recipes.harmodt.train import evaluate as evaluate_with_id
-from recipes.harmodt.train import make_loss_fn
+from recipes.harmodt.train import make_loss_fn, segment_batches, warmup_lr
 from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 
@@ -189,19 +189,16 @@ def run(cfg: DictConfig) -> dict | None:
         from recipes.metaworld.generate import make_env
         return [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
 
-    def batch_for(task: int, rng: np.random.Generator) -> dict:
-        return sampler.sample_task(task, cfg.train.batch_size, rng).to_torch(device)
-
-    def score_batches(task: int):
-        return [batch_for(task, rngs["scores"]) for _ in range(cfg.masking.grad_batches)]
+    batch_for, score_batches = segment_batches(sampler, cfg.train.batch_size, cfg.masking.grad_batches,
+                                               rngs["scores"], device)
 
     def extra_state():
         return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
                 "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()},
                 "gate": gate.state_dict() if gate is not None else None}
 
-    def lr_at(step: int) -> float:  # linear warm-up, then constant (spec §8)
-        return cfg.train.lr * min(1.0, step / max(1, cfg.train.warmup_steps))
+    def lr_at(step: int) -> float:
+        return warmup_lr(cfg.train, step)
 
     # ------------------------------------------------------------------ train
     model.train()

@@ -91,6 +91,23 @@ def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, dict, d
     return model, forward_kwargs(batch, m["prompt"], m["task_id"]), model_config
 
 
+def segment_batches(sampler: SegmentSampler, batch_size: int, grad_batches: int, score_rng: np.random.Generator,
+                    device):
+    """``batch_for(task, rng)``: one training batch of ``task``; ``score_batches(task)``: the
+    ``grad_batches`` batches a mask update averages over, drawn from ``score_rng``."""
+    def batch_for(task: int, rng: np.random.Generator) -> dict:
+        return sampler.sample_task(task, batch_size, rng).to_torch(device)
+
+    def score_batches(task: int) -> list[dict]:
+        return [batch_for(task, score_rng) for _ in range(grad_batches)]
+    return batch_for, score_batches
+
+
+def warmup_lr(train: DictConfig, step: int) -> float:
+    """Linear warm-up over ``train.warmup_steps``, then constant ``train.lr`` (spec §8)."""
+    return train.lr * min(1.0, step / max(1, train.warmup_steps))
+
+
 def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
              rtg_target: np.ndarray, envs: list[list], device) -> EvalReport:
     """``ev["episodes"]`` episodes of every task, ``ev["parallel"]`` at a time per task."""
@@ -203,18 +220,15 @@ def run(cfg: DictConfig) -> dict | None:
     log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
     envs = None  # built at the first evaluation, reused after
 
-    def batch_for(task: int, rng: np.random.Generator) -> dict:
-        return sampler.sample_task(task, cfg.train.batch_size, rng).to_torch(device)
-
-    def score_batches(task: int):
-        return [batch_for(task, rngs["scores"]) for _ in range(cfg.masking.grad_batches)]
+    batch_for, score_batches = segment_batches(sampler, cfg.train.batch_size, cfg.masking.grad_batches,
+                                               rngs["scores"], device)
 
     def extra_state():
         return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
                 "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()}}
 
-    def lr_at(step: int) -> float:  # linear warm-up, then constant (spec §8)
-        return cfg.train.lr * min(1.0, step / max(1, cfg.train.warmup_steps))
+    def lr_at(step: int) -> float:
+        return warmup_lr(cfg.train, step)
 
     # ------------------------------------------------------------------ train
     model.train()

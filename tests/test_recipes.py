@@ -40,11 +40,27 @@ def check_contract(d: Path, recipe: str) -> dict:
     return r
 
 
+def finished_runs(sweep: Path) -> list[Path]:
+    """The job folders of a sweep that wrote results.json, in name order."""
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
+
+
+def killed_and_resumed(common: list[str], tmp_path: Path, kill_at: int) -> tuple[dict, dict]:
+    """Run ``common`` uninterrupted into ``a``; into ``b`` killed after step ``kill_at`` (it must
+    fail without results) and rerun by the same command. Returns both results.json."""
+    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
+    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": str(kill_at)}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
+    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    ra, rb = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    return ra, rb
+
+
 @pytest.mark.slow
 def test_digits_smoke_every_scorer_and_variant(tmp_path):
     run("-m", "recipe=digits", "debug=smoke", "scorer=fisher,magnitude,agreement,fisher_published",
         "variant=dense,frozen,learned", f"hydra.sweep.dir={tmp_path}")
-    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "results.json").exists())
+    dirs = finished_runs(tmp_path)
     assert len(dirs) == 12
     for d in dirs:
         r = check_contract(d, "digits")
@@ -69,11 +85,7 @@ def test_digits_smoke_grouped(tmp_path):
 def test_kill_and_resume_equals_uninterrupted(tmp_path, granularity):
     common = ["recipe=digits", "debug=smoke", "train.steps=40", "train.checkpoint_every=10", "masking.update_every=5",
               "train.eval_every=10", "train.task_sampling=uniform", f"masking.granularity={granularity}"]
-    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
-    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "27"}, check=False)
-    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
-    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
-    ra, rb = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    ra, rb = killed_and_resumed(common, tmp_path, 27)
     assert rb["resumed_from"] == 20
     assert ra["per_task"] == rb["per_task"]
     ma, mb = read_masks_file(tmp_path / "a" / "masks.safetensors"), read_masks_file(tmp_path / "b" / "masks.safetensors")

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("metaworld")
 
 from maskmtl import read_masks_file  # noqa: E402
-from test_recipes import check_contract, run  # noqa: E402
+from test_recipes import check_contract, finished_runs, run  # noqa: E402
 
 METHODS = ["g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt",
            "ta_mtdt_gating"]
@@ -23,7 +23,7 @@ METHODS = ["g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_p
 def test_every_method_smoke(tmp_path):
     run("-m", "recipe=g_harmodt", "debug=smoke", f"method={','.join(METHODS)}", f"hydra.sweep.dir={tmp_path}")
     seen = set()
-    for d in (p for p in tmp_path.iterdir() if (p / "results.json").exists()):
+    for d in finished_runs(tmp_path):
         r = check_contract(d, "g_harmodt")
         seen.add(r["method"])
         assert r["protocol"] == "task_agnostic" and r["steps"] == 20 and len(r["tasks"]) == 4

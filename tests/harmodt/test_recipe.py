@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("metaworld")
 
 from maskmtl import read_masks_file  # noqa: E402
-from test_recipes import check_contract, run  # noqa: E402
+from test_recipes import check_contract, finished_runs, killed_and_resumed, run  # noqa: E402
 
 METHODS = ["prompt_dt", "mtdt", "harmodt_r", "harmodt_m", "harmodt_f"]
 
@@ -21,7 +21,7 @@ METHODS = ["prompt_dt", "mtdt", "harmodt_r", "harmodt_m", "harmodt_f"]
 def test_every_method_smoke(tmp_path):
     run("-m", "recipe=harmodt", "debug=smoke", f"method={','.join(METHODS)}", f"hydra.sweep.dir={tmp_path}")
     seen = set()
-    for d in (p for p in tmp_path.iterdir() if (p / "results.json").exists()):
+    for d in finished_runs(tmp_path):
         r = check_contract(d, "harmodt")
         seen.add(r["method"])
         assert r["steps"] == 20 and len(r["episodes"]) == len(r["tasks"])
@@ -35,11 +35,7 @@ def test_every_method_smoke(tmp_path):
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     common = ["recipe=harmodt", "debug=smoke", "train.steps=16", "train.checkpoint_every=4", "masking.update_every=3",
               "scheduler=constant", "scheduler.alpha=5", "train.eval_every=8", "train.task_sampling=uniform"]
-    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
-    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "11"}, check=False)
-    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
-    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
-    ra, rb = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    ra, rb = killed_and_resumed(common, tmp_path, 11)
     assert rb["resumed_from"] == 8
     assert ra["per_task"] == rb["per_task"] and ra["episodes"] == rb["episodes"] and ra["best"] == rb["best"]
     ma, mb = (read_masks_file(tmp_path / x / "masks.safetensors")[0] for x in "ab")
@@ -55,7 +51,7 @@ def test_unseen_tasks_are_evaluated_with_the_voting_mask(tmp_path):
     run("-m", "recipe=harmodt", "debug=smoke", "data=ml45_tiny", "method=prompt_dt,harmodt_f",
         f"hydra.sweep.dir={tmp_path}")
     seen = set()
-    for d in (p for p in tmp_path.iterdir() if (p / "results.json").exists()):
+    for d in finished_runs(tmp_path):
         r = json.loads((d / "results.json").read_text())
         u = r["unseen"]
         assert u["tasks"] == ["bin-picking-v3"] and "bin-picking-v3" not in r["tasks"]

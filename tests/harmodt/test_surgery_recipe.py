@@ -3,7 +3,6 @@ through the command line, errors before training, and a killed PCGrad run resume
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 pytest.importorskip("metaworld")
 
 from maskmtl.outputs import read_metrics  # noqa: E402
-from test_recipes import check_contract, run  # noqa: E402
+from test_recipes import check_contract, finished_runs, killed_and_resumed, run  # noqa: E402
 
 SURGERY = ["mtdt_mean", "pcgrad", "cagrad"]
 
@@ -20,7 +19,7 @@ SURGERY = ["mtdt_mean", "pcgrad", "cagrad"]
 def test_surgery_methods_smoke(tmp_path):
     run("-m", "recipe=harmodt", "debug=smoke", f"method={','.join(SURGERY)}", f"hydra.sweep.dir={tmp_path}")
     seen = set()
-    for d in (p for p in tmp_path.iterdir() if (p / "results.json").exists()):
+    for d in finished_runs(tmp_path):
         r = check_contract(d, "harmodt")
         seen.add(r["method"])
         assert r["steps"] == 20 and r["config"]["train"]["gradient"] == {"mtdt_mean": "mean"}.get(r["method"], r["method"])
@@ -48,11 +47,7 @@ def test_bad_surgery_config_fails_before_training(tmp_path, overrides, match):
 def test_pcgrad_kill_and_resume_equals_uninterrupted(tmp_path):
     common = ["recipe=harmodt", "debug=smoke", "method=pcgrad", "train.steps=16", "train.checkpoint_every=4",
               "train.eval_every=8"]
-    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
-    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "11"}, check=False)
-    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
-    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
-    ra, rb = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    ra, rb = killed_and_resumed(common, tmp_path, 11)
     assert rb["resumed_from"] == 8
     assert ra["per_task"] == rb["per_task"] and ra["episodes"] == rb["episodes"] and ra["best"] == rb["best"]
     ca, cb = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True) for x in "ab")

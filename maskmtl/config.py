@@ -56,6 +56,50 @@ def require(cfg: DictConfig, key: str, check, expected: str) -> Any:
     return value
 
 
+# Value checks for ``require`` and ``check_keys``: YAML and the command line give ints, floats,
+# bools and strings; a bool is never taken for a number, nor a string for a bool.
+def is_int(lo: int | None = None, hi: int | None = None):
+    return lambda v: (isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+                      and (hi is None or v <= hi))
+
+
+def is_number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """A finite int or float in the range (``lo_open`` / ``hi_open``: the bound itself excluded)."""
+    import math
+
+    def check(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return hi is None or (v < hi if hi_open else v <= hi)
+    return check
+
+
+def is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def check_keys(cfg: DictConfig, table) -> None:
+    """Check every ``(key, check, expected)`` row of ``table`` (keys absent from ``cfg`` are
+    skipped: a recipe without that key) and raise one ConfigError listing every bad key."""
+    bad = []
+    for key, check, expected in table:
+        if OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        try:
+            ok = check(value)
+        except Exception:  # a check of another type's value (len of an int ...) fails the key
+            ok = False
+        if not ok:
+            bad.append(f"{key}={value!r}: expected {expected}")
+    if len(bad) == 1:
+        raise ConfigError(bad[0])
+    if bad:
+        raise ConfigError(f"{len(bad)} config values cannot work:\n  " + "\n  ".join(bad))
+
+
 class Masking:
     """The masking components a recipe needs, built from the config's groups.
 

@@ -343,53 +343,76 @@ def signal_name(signum: int) -> str:
 
 
 class Preemption:
-    """Checkpoint at the next step boundary when the scheduler announces preemption or the time
-    limit, then hand over to whoever handled the signal before (submitit: requeue the job, exit).
+    """Checkpoint at the next step boundary when the run is asked to stop, then stop.
 
-    While active, the preemption signal only sets ``requested``; the training loop polls it once per
-    step, writes a checkpoint of that step and calls ``stop(step)``. The signal never interrupts a
-    step half-done, and the requeued job resumes from exactly that step (``resume_point``). Outside
-    submitit (a plain run, previous handler ``SIG_DFL``) ``stop`` exits with a message saying that the
-    same command resumes. A context manager around the training loop: leaving it by an exception
-    restores the previous handler; leaving it normally keeps ignoring the signal (logged), because the
-    run is then finishing, within seconds, and a requeue would only find a finished run folder.
+    Three signals ask: the scheduler's preemption / time-limit signal (submitit's, SIGUSR2 by
+    default), Ctrl-C (SIGINT) and SIGTERM (``kill``, a container or job being stopped). While
+    active, a signal only sets ``requested``; the training loop polls it once per step, writes a
+    checkpoint of that step and calls ``stop(step)``, so a signal never interrupts a step half-done
+    and the same command resumes from exactly that step (``resume_point``). On the preemption
+    signal, ``stop`` then hands over to whoever handled it before (submitit: requeue the job and
+    exit); outside submitit, and for SIGINT / SIGTERM, it exits with a message saying how to
+    resume. A second SIGINT or SIGTERM stops at once, without a checkpoint.
+
+    A context manager around the training loop. Leaving it restores SIGINT and SIGTERM; leaving it
+    by an exception restores the preemption signal too, while leaving it normally keeps ignoring
+    that one (logged): the run is then finishing, and a requeue would only find a finished folder.
     """
 
     def __init__(self) -> None:
+        import signal
+
         self.signum = preemption_signal()
+        self.signals = [self.signum] + [s for s in (signal.SIGINT, signal.SIGTERM) if s != self.signum]
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
         self._finishing = False
 
     def __enter__(self) -> "Preemption":
         import signal
         import threading
 
-        previous = signal.getsignal(self.signum)
-        # signal handlers can only be set from the main thread; an ignored signal stays ignored
-        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
-            self._previous = previous
-            signal.signal(self.signum, self._on_signal)
-            self._installed = True
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for s in self.signals:
+            previous = signal.getsignal(s)
+            if previous is not signal.SIG_IGN:  # an ignored signal stays ignored
+                self._previous[s] = previous
+                signal.signal(s, self._on_signal)
         return self
 
     def _on_signal(self, signum, frame) -> None:
-        if self._finishing:
-            print(f"{signal_name(signum)} received while finishing the run: ignored", flush=True)
-        self.requested = True
-
-    def _restore(self) -> None:
         import signal
 
-        if self._installed:
-            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._installed = False
+        if self._finishing:
+            print(f"{signal_name(signum)} received while finishing the run: ignored", flush=True)
+            self.requested = True
+            return
+        if self.requested and signum != self.signum:  # asked twice: stop now, as the signal would
+            self._restore([signum])
+            print(f"{signal_name(signum)} again: stopping without a checkpoint", flush=True)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.raise_signal(signum)
+            return
+        self.requested, self.received = True, self.received or signum
+        if signum != self.signum:
+            print(f"{signal_name(signum)} received: checkpointing at the end of this step "
+                  f"({signal_name(signum)} again stops at once, without one)", flush=True)
+
+    def _restore(self, signals=None) -> None:
+        import signal
+
+        for s in list(signals if signals is not None else self._previous):
+            if s in self._previous:
+                previous = self._previous.pop(s)
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
 
     def checkpoint(self, step: int, total: int, every: int, save, path: Path) -> None:
         """End of training step ``step`` of ``total``: call ``save()`` (which writes ``path``) every
         ``every`` steps (0: never; the last step is left to the run's finish) and at once when a
-        preemption signal came, then hand over to the requeue (:meth:`stop`)."""
+        stop was asked for, then stop (:meth:`stop`)."""
         if step < total and ((every and step % every == 0) or self.requested):
             save()
             if self.requested:
@@ -397,17 +420,20 @@ class Preemption:
 
     def stop(self, step: int, checkpoint: Path) -> None:
         """Hand over after ``checkpoint`` (of ``step``) was written: never returns."""
-        name = signal_name(self.signum)
-        print(f"step {step}: {name} received (preemption or time limit): checkpoint {checkpoint} written", flush=True)
-        previous = self._previous
+        signum = self.received or self.signum
+        name = signal_name(signum)
+        why = "preemption or time limit" if signum == self.signum else "asked to stop"
+        print(f"step {step}: {name} received ({why}): checkpoint {checkpoint} written", flush=True)
+        previous = self._previous.get(self.signum)
         self._restore()
-        if callable(previous):  # submitit's handler: dumps the job for requeue, requeues it, exits
+        if signum == self.signum and callable(previous):  # submitit's handler: dumps the job, requeues it, exits
             previous(self.signum, None)
         raise SystemExit(f"stopped at step {step} on {name}; run the same command again to resume from {checkpoint}")
 
     def __exit__(self, exc_type, *exc) -> bool:
         if exc_type is None:
             self._finishing = True
+            self._restore([s for s in self.signals if s != self.signum])
         else:
             self._restore()
         return False
@@ -417,18 +443,19 @@ KILL_ENV = "MASKMTL_KILL_AT_STEP"
 PREEMPT_ENV = "MASKMTL_PREEMPT_AT_STEP"
 
 
-def kill_point(step: int) -> None:
+def kill_point(point: int | str) -> None:
     """Fault injection for the kill-and-resume tests: when the environment variable
-    ``MASKMTL_KILL_AT_STEP`` equals ``step``, the process kills itself with SIGKILL (no cleanup,
+    ``MASKMTL_KILL_AT_STEP`` equals ``point`` (a training step, or a named point such as
+    ``eval:250``, ``final_eval`` or ``results``), the process kills itself with SIGKILL (no cleanup,
     no final checkpoint), exactly like a job killed by the OS or the scheduler. When
-    ``MASKMTL_PREEMPT_AT_STEP`` equals ``step`` it sends itself the preemption signal, as SLURM
+    ``MASKMTL_PREEMPT_AT_STEP`` equals it, the process sends itself the preemption signal, as SLURM
     does before a time limit."""
     import os
     import signal
 
-    if os.environ.get(KILL_ENV) == str(step):
+    if os.environ.get(KILL_ENV) == str(point):
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get(PREEMPT_ENV) == str(step):
+    if os.environ.get(PREEMPT_ENV) == str(point):
         os.kill(os.getpid(), preemption_signal())
 
 

@@ -17,15 +17,20 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
-    from hydra.utils import get_method
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from maskmtl.config import ConfigError
+    from recipes.common import RunDirError
+    from recipes.launch import launch
 
     try:
-        entry = get_method(cfg.entry)
-    except Exception as e:
-        raise ConfigError(f"entry={cfg.entry!r} (set by recipe={cfg.recipe_name}) cannot be imported: {e}") from e
-    return entry(cfg)
+        return launch(cfg)
+    except (ConfigError, RunDirError) as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher records the failed job and reports it with the others
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from maskmtl import MaskedAdamW, group_tasks, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking
+from maskmtl.config import ConfigError, Masking, check_keys, is_bool, is_int, is_number
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
+from recipes.common import (Preemption, chosen_options, kill_point, make_generator, next_task, plot_curves,
                             plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
@@ -40,8 +40,7 @@ def example_inputs(data: DigitsTasks, device) -> tuple[torch.Tensor, torch.Tenso
 def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, tuple, dict]:
     """For ``tools/export.py``: the full model (weights from ``state``), example inputs, and the
     config that builds the same full model again."""
-    smoke = bool(cfg.smoke)
-    model_config = {"n_in": 64, "n_tasks": len(cfg.tasks), "hidden": 64 if smoke else int(cfg.model.hidden),
+    model_config = {"n_in": 64, "n_tasks": len(cfg.tasks), "hidden": int(cfg.model.hidden),
                     "depth": int(cfg.model.depth), "task_input": bool(cfg.model.task_input)}
     model = MultiTaskMLP(**model_config)
     model.load_state_dict(state)
@@ -66,13 +65,42 @@ def evaluate(masking: Masking, data: DigitsTasks, device) -> dict[str, dict[str,
     return out
 
 
+def smoke_overrides(cfg: DictConfig) -> dict:
+    """``debug=smoke``: a 64-unit model (and, not a key, only the first 300 images)."""
+    return {"model.hidden": 64}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The digits keys, before anything is built (recipes/launch.py calls it)."""
+    import numpy as np
+
+    from recipes.digits.task import relabel
+
+    tasks = cfg.tasks
+    names = "digit, reverse, parity, large or shift1..shift9"
+    if isinstance(tasks, str) or not tasks or len(set(map(str, tasks))) != len(tasks):
+        raise ConfigError(f"tasks={tasks!r}: expected a non-empty list of distinct task names ({names})")
+    for t in tasks:
+        try:
+            relabel(str(t), np.arange(10))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    check_keys(cfg, [
+        ("data.test_fraction", is_number(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+        ("model.hidden", is_int(1), "an integer >= 1"),
+        ("model.depth", is_int(1), "an integer >= 1"),
+        ("model.dropout", is_number(0, 1, hi_open=True), "a number in [0, 1)"),
+        ("model.task_input", is_bool, "true or false"),
+    ])
+
+
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
     t_start, device, out = start_run(cfg)
     tasks = list(cfg.tasks)
-    smoke = bool(cfg.smoke)  # smoke: 300 images, a 64-unit model
-    data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if smoke else None)
-    model = MultiTaskMLP(64, len(tasks), 64 if smoke else cfg.model.hidden, cfg.model.depth,
+    check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
+    data = DigitsTasks(tasks, cfg.data.test_fraction, cfg.seed, limit=300 if cfg.smoke else None)  # smoke: 300 images
+    model = MultiTaskMLP(64, len(tasks), cfg.model.hidden, cfg.model.depth,
                          dropout=cfg.model.dropout, task_input=cfg.model.task_input).to(device)
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1), example_inputs=example_inputs(data, device))
     masks = masking.masks
@@ -150,12 +178,14 @@ def run(cfg: DictConfig) -> dict | None:
     save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer, generators=gens,
                     extra={"wall_time_s": wall})
     print_table(f"digits: test metrics after {steps} steps", final)
+    # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
+    plot_curves(out / METRICS, out / "curves.png",
+                title=f"digits ({', '.join(f'{k}={v}' for k, v in chosen_options(cfg).items() if k != 'recipe')})")
+    plot_masks(masks, out / "masks.png", title=f"digits seed {cfg.seed}", seed=cfg.seed)
     results = write_results(
         out, cfg, tasks=tasks, per_task=final, headline="accuracy", steps=steps, wall_time_s=wall,
         extra={"task_to_group": masks.task_to_group, "density": masks.density().tolist(),
                "resumed_from": start if ckpt is not None else None},
     )
-    plot_curves(out / METRICS, out / "curves.png", title=f"digits ({', '.join(f'{k}={v}' for k, v in results['options'].items() if k != 'recipe')})")
-    plot_masks(masks, out / "masks.png", title=f"digits seed {cfg.seed}", seed=cfg.seed)
     print(f"results: {out / 'results.json'}")
     return results

@@ -51,7 +51,8 @@ from recipes.g_harmodt.plots import plot_gate, plot_grouping
 from recipes.harmodt.model import PromptDT
 from recipes.harmodt.train import evaluate as evaluate_with_id
 from recipes.harmodt.train import make_loss_fn, segment_batches, warmup_lr
-from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data
+from recipes.harmodt.train import SMOKE_EVAL, SMOKE_MODEL, check_model_config
+from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data_overrides
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 
 METHODS = ("g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt", "ta_mtdt_gating")
@@ -98,43 +99,46 @@ def group_record(tasks: list[str], g: dict, step: int) -> dict:
             "cosine_distance": dist.tolist(), "vector_norm": v.norm(dim=1).tolist()}
 
 
+def smoke_overrides(cfg: DictConfig) -> dict:
+    """``debug=smoke``: the first 4 tasks of short episodes, a 1-layer d=32 model, one 40-step
+    episode per task, at most 50 gate steps, the warm-up at most half the steps, and N^G = 2 when
+    more groups than tasks were asked."""
+    out = smoke_data_overrides(cfg.data, n_tasks=4) | SMOKE_MODEL | SMOKE_EVAL
+    out["gate.steps"] = min(int(cfg.gate.steps), 50)
+    out["grouping.warmup_steps"] = min(int(cfg.grouping.warmup_steps), int(cfg.train.steps) // 2)
+    if "n_groups" in cfg.grouper and cfg.grouper.n_groups > len(out["data.tasks"]):
+        out["grouper.n_groups"] = 2
+    return out
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every g_harmodt key and the stage lengths, before any data is generated (recipes/launch.py
+    calls it)."""
+    check_gate_config(cfg, dict(cfg.model))
+    check_model_config(cfg)
+    if cfg.gate.probe_steps >= cfg.eval.max_steps and cfg.gate.target != "none":
+        raise ConfigError(f"gate.probe_steps={cfg.gate.probe_steps}: expected < eval.max_steps={cfg.eval.max_steps}")
+    steps, n_tasks = int(cfg.train.steps), len(dataset_tasks(cfg.data))
+    try:
+        needs_grouping = build(cfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if needs_grouping and not 0 < int(cfg.grouping.warmup_steps) < steps:
+        raise ConfigError(f"grouping.warmup_steps={cfg.grouping.warmup_steps}: expected 0 < warmup < "
+                          f"train.steps={steps}")
+
+
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
     t_start, device, out = start_run(cfg)
-    smoke = bool(cfg.smoke)
-    data_node = cfg.data
-    if smoke:
-        data_node = smoke_data(cfg.data)
-        data_node["tasks"] = dataset_tasks(cfg.data)[:4]
-    ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if smoke else {})
-    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if smoke else {})
-    gate_cfg = dict(cfg.gate) | ({"steps": min(int(cfg.gate.steps), 50)} if smoke else {})
-    check_gate_config(cfg, m)
-    if not 1 <= ev["max_steps"] <= 500:
-        raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
-    if gate_cfg["probe_steps"] >= ev["max_steps"] and gate_cfg["target"] != "none":
-        raise ConfigError(f"gate.probe_steps={gate_cfg['probe_steps']}: expected < eval.max_steps={ev['max_steps']}")
-    mcfg = cfg
-    if smoke and "n_groups" in cfg.grouper and cfg.grouper.n_groups > len(data_node["tasks"]):
-        mcfg = copy.deepcopy(cfg)  # cfg itself keeps what was asked
-        with open_dict(mcfg):
-            mcfg.grouper.n_groups = 2
-    # stage lengths, checked before any data is generated or loaded
+    check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
+    data_node, ev, m, gate_cfg = cfg.data, dict(cfg.eval), dict(cfg.model), dict(cfg.gate)
     steps, n_tasks = int(cfg.train.steps), len(dataset_tasks(data_node))
-    try:
-        needs_grouping = build(mcfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    warmup = 0
-    if needs_grouping:
-        warmup = min(int(cfg.grouping.warmup_steps), steps // 2) if smoke else int(cfg.grouping.warmup_steps)
-        if not 0 < warmup < steps:
-            raise ConfigError(f"grouping.warmup_steps={warmup}: expected 0 < warmup < train.steps={steps}")
+    needs_grouping = build(cfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
+    warmup = int(cfg.grouping.warmup_steps) if needs_grouping else 0
     dataset = ensure_dataset(data_node, cfg.data_root)
     sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
     tasks = list(dataset.tasks)
-    if m["prompt"] and sampler.config.prompt_length < 1:
-        raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
     use_gate = gate_cfg["target"] != "none"
     if use_gate:
         try:
@@ -145,7 +149,7 @@ def run(cfg: DictConfig) -> dict | None:
                      n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
                      max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
                      n_tasks=len(tasks) if m["task_id"] else 0).to(device)
-    masking = Masking(mcfg, model, tasks, make_generator(cfg.seed, 1))
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
     masks = masking.masks
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
     assert masking.needs_grouping == needs_grouping
@@ -338,6 +342,14 @@ def run(cfg: DictConfig) -> dict | None:
         print(f"gate accuracy: held-out episodes {gate_report['heldout']['overall']:.3f} "
               f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
               f"{gate_report['rollout']['overall'] if gate_report['rollout']['overall'] is not None else float('nan'):.3f}")
+    # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
+    name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
+    plot_curves(out / METRICS, out / "curves.png", title=name)
+    plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)
+    if grouping is not None:
+        plot_grouping(grouping, out / "grouping.png", title=name, seed=cfg.seed)
+    if gate_report is not None:
+        plot_gate(gate_report, out / "gate.png", title=name)
     results = write_results(
         out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=steps,
         wall_time_s=extra_state()["wall_time_s"],
@@ -352,12 +364,5 @@ def run(cfg: DictConfig) -> dict | None:
                "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
                                "with_id": None if with_id is None else {"policy": with_id.policy_s, "sim": with_id.sim_s}}},
     )
-    name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
-    plot_curves(out / METRICS, out / "curves.png", title=name)
-    plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)
-    if grouping is not None:
-        plot_grouping(grouping, out / "grouping.png", title=name, seed=cfg.seed)
-    if gate_report is not None:
-        plot_gate(gate_report, out / "gate.png", title=name)
     print(f"results: {out / 'results.json'}")
     return results

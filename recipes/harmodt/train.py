@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedAdamW, MaskSet, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking
+from maskmtl.config import ConfigError, Masking, check_keys, is_bool, is_int, is_number
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
@@ -28,7 +28,8 @@ from recipes.common import (Preemption, kill_point, make_generator, multi_task_s
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
-from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, ensure_demos, smoke_data, unseen_tasks
+from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
+                                         smoke_data_overrides, unseen_tasks)
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 from recipes.metaworld.storage import OfflineDataset
 
@@ -69,7 +70,7 @@ def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, dict, d
     """For ``tools/export.py``: the full model (sizes read from the weights in ``state``, so no
     data is loaded), synthetic example inputs of the right shapes, and the config that builds the
     same full model again."""
-    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+    m = dict(cfg.model)
     d_model, state_dim = state["embed.state.weight"].shape
     model_config = {"state_dim": int(state_dim), "act_dim": int(state["embed.action.weight"].shape[1]),
                     "d_model": int(d_model), "n_layer": int(m["n_layer"]), "n_head": int(m["n_head"]),
@@ -165,26 +166,63 @@ def evaluate_unseen(cfg: DictConfig, ev: dict, model, masks: MaskSet, demos: Off
     return report, float(unseen.density().mean())
 
 
-def run(cfg: DictConfig) -> dict | None:
-    # ------------------------------------------------------------------ build
-    t_start, device, out = start_run(cfg)
-    # smoke: two tasks of short episodes (smoke_data), a 1-layer d=32 model, one 40-step episode per task
-    data_node = smoke_data(cfg.data) if cfg.smoke else cfg.data
-    ev = dict(cfg.eval) | ({"episodes": 1, "parallel": 1, "max_steps": 40} if cfg.smoke else {})
-    m = dict(cfg.model) | ({"d_model": 32, "n_layer": 1, "n_head": 4} if cfg.smoke else {})
+SMOKE_MODEL = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 4}
+SMOKE_EVAL = {"eval.episodes": 1, "eval.parallel": 1, "eval.max_steps": 40}
+
+
+def smoke_overrides(cfg: DictConfig) -> dict:
+    """``debug=smoke``: two tasks of short episodes, a 1-layer d=32 model, one 40-step episode per task."""
+    return smoke_data_overrides(cfg.data) | SMOKE_MODEL | SMOKE_EVAL
+
+
+MODEL_KEYS = [
+    ("model.d_model", is_int(1), "an integer >= 1"),
+    ("model.n_layer", is_int(1), "an integer >= 1"),
+    ("model.n_head", is_int(1), "an integer >= 1"),
+    ("model.dropout", is_number(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("model.prompt", is_bool, "true or false"),
+    ("model.task_id", is_bool, "true or false"),
+    ("eval.episodes", is_int(1), "an integer >= 1 (episodes per task)"),
+    ("eval.parallel", is_int(1), "an integer >= 1 (episodes of a task stepped together)"),
+    ("eval.max_steps", is_int(1, 500), "an integer in 1..500 (Meta-World episodes end at 500)"),
+    ("eval.stop_on_success", is_bool, "true or false"),
+    ("eval.rtg_quantile", is_number(0, 1), "a number in [0, 1] (a quantile of each task's returns)"),
+    ("eval.seed", is_int(0), "an integer >= 0"),
+]
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """The Prompt-DT, evaluation and data keys both Meta-World training recipes share."""
+    check_keys(cfg, MODEL_KEYS)
+    if cfg.model.d_model % cfg.model.n_head:
+        raise ConfigError(f"model.d_model={cfg.model.d_model}: expected a multiple of model.n_head={cfg.model.n_head}")
+    check_data_config(cfg.data)
+    if cfg.model.prompt and OmegaConf.select(cfg, "data.sampling.prompt_length", default=1) < 1:
+        raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every harmodt key, before any data is generated (recipes/launch.py calls it)."""
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
                           f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f")
-    if not 1 <= ev["max_steps"] <= 500:
-        raise ConfigError(f"eval.max_steps={ev['max_steps']}: expected 1..500 (Meta-World episodes end at 500)")
-    unseen = unseen_tasks(data_node)  # checked before any data is generated
-    n_train = len(dataset_tasks(data_node))
-    if unseen and m["task_id"]:
+    check_model_config(cfg)
+    unseen = unseen_tasks(cfg.data)
+    n_train = len(dataset_tasks(cfg.data))
+    if unseen and cfg.model.task_id:
         raise ConfigError(f"data.unseen_tasks {unseen}: a task-id model (model.task_id=true, MTDT) has no "
                           f"embedding for tasks it never trained on; use a prompt-based method")
-    if unseen and not 0 < float(cfg.eval.voting_threshold) < n_train:
+    if unseen and not (is_number()(cfg.eval.voting_threshold) and 0 < float(cfg.eval.voting_threshold) < n_train):
         raise ConfigError(f"eval.voting_threshold={cfg.eval.voting_threshold}: expected a fraction in (0, 1) "
                           f"or a count in [1, {n_train}) of the training tasks")
+
+
+def run(cfg: DictConfig) -> dict | None:
+    # ------------------------------------------------------------------ build
+    t_start, device, out = start_run(cfg)
+    check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
+    data_node, ev, m = cfg.data, dict(cfg.eval), dict(cfg.model)
+    unseen = unseen_tasks(data_node)
     dataset = ensure_dataset(data_node, cfg.data_root)
     sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
     tasks = list(dataset.tasks)
@@ -263,6 +301,7 @@ def run(cfg: DictConfig) -> dict | None:
                     from recipes.metaworld.generate import make_env
                     envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
                 rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                kill_point(f"eval:{step}")
                 mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
                 metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
                 metrics.update({"eval/mean_success": mean_success, "time/eval_policy_s": rep.policy_s,
@@ -279,6 +318,10 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ finish
     log.close()
+    # the trained state first: a run stopped from here on resumes at the final evaluation
+    save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
+                    generators=gens, extra=extra_state())
+    kill_point("final_eval")
     if envs is None:
         from recipes.metaworld.generate import make_env
         envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
@@ -291,8 +334,6 @@ def run(cfg: DictConfig) -> dict | None:
             | {"eval/mean_success": final_mean})
     log.close()
     save_masks(masks, out / MASKS)
-    save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
-                    generators=gens, extra=extra_state())
     per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
                 for t, v in final.per_task.items()}
     print_table(f"harmodt ({cfg.method_name}): success after {cfg.train.steps} steps "
@@ -307,6 +348,10 @@ def run(cfg: DictConfig) -> dict | None:
         print_table(f"unseen tasks (voting mask, threshold {cfg.eval.voting_threshold}, density {vote_density:.3f}): "
                     f"mean success {unseen_result['mean_success']:.3f}",
                     {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()})
+    # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
+    plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
+    plot_masks(masks, out / "masks.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}", seed=cfg.seed)
+    kill_point("results")
     results = write_results(
         out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=cfg.train.steps,
         wall_time_s=extra_state()["wall_time_s"],
@@ -314,7 +359,5 @@ def run(cfg: DictConfig) -> dict | None:
                "episodes": [e.__dict__ for e in final.episodes], "density": masks.density().tolist(),
                "resumed_from": start if ckpt is not None else None, "unseen": unseen_result},
     )
-    plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
-    plot_masks(masks, out / "masks.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}", seed=cfg.seed)
     print(f"results: {out / 'results.json'}")
     return results

@@ -69,6 +69,19 @@ def unseen_tasks(data: Mapping[str, Any]) -> list[str]:
     return unseen
 
 
+def writable(directory: Path, root: str | Path) -> None:
+    """Make ``directory`` (under ``data_root``) and check that files can be written there."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ConfigError(f"data_root={root}: cannot write the dataset folder {directory} ({e.strerror or e}); "
+                          f"choose a writable data_root") from e
+
+
 def ensure_demos(data: Mapping[str, Any], root: str | Path, tasks: Sequence[str]) -> OfflineDataset:
     """Only the prompt demonstrations (``data.prompt_demos`` expert episodes per task) of ``tasks``,
     generated if missing, stored beside the dataset's own demonstrations, loaded and validated. This is
@@ -78,24 +91,48 @@ def ensure_demos(data: Mapping[str, Any], root: str | Path, tasks: Sequence[str]
     directory = dataset_dir(data, root)
     folder = demo_dir(directory, demos)
     spec = GenerationSpec.from_config(data)
-    for t in (t for t in tasks if not is_complete(folder, t)):
+    missing = [t for t in tasks if not is_complete(folder, t)]
+    if missing:
+        writable(folder, root)
+    for t in missing:
         print(f"generating {demos} prompt demonstrations of unseen task {t}")
         generate_demos(t, spec, directory, demos)
     return load_dataset(folder, tasks)
 
 
-def smoke_data(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a ``data`` node shrunk for ``debug=smoke``: its first two tasks, 4 episodes of 50
-    steps each (2 for sub_optimal), at most one demonstration and one held-out episode per task,
-    the first unseen task only, generated in one process."""
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.to_container(data, resolve=True) if not isinstance(data, dict) else dict(data)
+def smoke_data_overrides(data: Mapping[str, Any], n_tasks: int = 2) -> dict[str, Any]:
+    """``debug=smoke``'s data sizes as ``data.<key>: value``: the first ``n_tasks`` tasks, 4 episodes
+    of 50 steps each (2 for sub_optimal), at most one demonstration and one held-out episode per
+    task, the first unseen task only, generated in one process."""
     unseen = unseen_tasks(data)[:1]
-    node.update(tasks=dataset_tasks(data)[:2], transitions_per_task=200, episode_length=50, workers=1,
-                prompt_demos=min(int(node.get("prompt_demos", 0)), 1), unseen_taskset=None, unseen_tasks=unseen or None)
-    node["sampling"] = {**dict(node.get("sampling") or {}), "heldout_episodes": 1}
-    return node
+    return {"data.tasks": dataset_tasks(data)[:n_tasks], "data.transitions_per_task": 200, "data.episode_length": 50,
+            "data.workers": 1, "data.prompt_demos": min(int(data.get("prompt_demos", 0) or 0), 1),
+            "data.unseen_taskset": None, "data.unseen_tasks": unseen or None, "data.sampling.heldout_episodes": 1}
+
+
+def smoke_overrides(cfg: DictConfig) -> dict[str, Any]:
+    return smoke_data_overrides(_require_data(cfg.get("data")))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Before any data is made: the data node, its task lists and generation sizes."""
+    data = _require_data(cfg.get("data"))
+    check_data_config(data)
+
+
+def check_data_config(data: Mapping[str, Any]) -> None:
+    """The ``data`` keys every Meta-World recipe reads, checked without generating anything."""
+    if data.get("tasks") is not None and (isinstance(data["tasks"], str) or len(data["tasks"]) == 0):
+        raise ConfigError(f"data.tasks={data['tasks']!r}: expected null (the task set data.taskset) or a "
+                          f"non-empty list of task names")
+    dataset_tasks(data)
+    unseen_tasks(data)
+    for key, lo in (("transitions_per_task", 1), ("episode_length", 1), ("seed", 0), ("workers", 1),
+                    ("checkpoint_every", 1), ("prompt_demos", 0)):
+        v = data.get(key, lo)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"data.{key}={v!r}: expected an integer >= {lo}")
+    dataset_dir(data, ".")  # the remaining generation keys (GenerationSpec)
 
 
 def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Sequence[str] | None = None,
@@ -108,6 +145,7 @@ def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Se
     demos = int(data.get("prompt_demos", 0) or 0)
     done = [is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks]
     if not all(done):
+        writable(directory, root)
         generate_dataset(GenerationSpec.from_config(data), tasks, directory, workers=int(data.get("workers", 1)),
                          checkpoint_every=int(data.get("checkpoint_every", 10)), progress=progress, demos=demos)
     return load_dataset(directory, tasks, demos=demos)
@@ -141,9 +179,6 @@ def run(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     data = _require_data(cfg.get("data"))
-    if cfg.smoke:
-        data = smoke_data(data)
-        print(f"smoke: generating only {data['tasks']} with {data['transitions_per_task']} transitions each")
     directory = dataset_dir(data, cfg.data_root)
     tasks = dataset_tasks(data)
     already = [t for t in tasks if is_complete(directory, t)]

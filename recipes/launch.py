@@ -145,17 +145,31 @@ SHARED_KEYS: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+def _masking_keys() -> list[tuple[str, Callable[[Any], bool], str]]:
+    from maskmtl.gradients import RECOVERY_GRADIENTS
+    from maskmtl.structures import GRANULARITIES, REDUCTIONS
+    from maskmtl.update import RECOVERED_STATE
+
+    return [(f"masking.{key}", (lambda opts: lambda v: v in opts)(opts), f"one of {list(opts)}")
+            for key, opts in (("granularity", GRANULARITIES), ("structure_reduce", REDUCTIONS),
+                              ("recovery_gradient", RECOVERY_GRADIENTS), ("recovered_state", RECOVERED_STATE))]
+
+
 def check_shared(cfg: DictConfig) -> None:
-    """The keys every recipe shares, by type and range, then the ones that depend on each other."""
+    """The keys every recipe shares, by type and range, then the ones that depend on each other,
+    and the four plug-in groups built once (a bad option value fails here, not in the recipe)."""
     from maskmtl.config import build, choose_device
     from recipes.common import check_train_config
 
-    check_keys(cfg, SHARED_KEYS)
+    check_keys(cfg, SHARED_KEYS + _masking_keys())
     check_train_config(cfg)
     choose_device(cfg.device)
     steps, every = int(cfg.train.steps), int(cfg.masking.update_every)
+    for group in ("initializer", "scorer", "grouper"):
+        build(cfg[group], group)
+    scheduler = build(cfg.scheduler, "scheduler", total_steps=steps)
     if every > steps and not cfg.dry_run:
-        moves = build(cfg.scheduler, "scheduler", total_steps=steps).max_alpha() > 0
+        moves = scheduler.max_alpha() > 0
         if moves:
             raise ConfigError(f"masking.update_every={every} > train.steps={steps}: no mask update would run, yet "
                               f"scheduler={OmegaConf.select(cfg, 'scheduler._target_')} would swap entries; set "

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedAdamW, MaskSet, save_checkpoint, save_masks
-from maskmtl.config import ConfigError, Masking, check_keys, is_bool, is_int, is_number
+from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
@@ -209,6 +209,14 @@ def check_config(cfg: DictConfig) -> None:
     check_model_config(cfg)
     unseen = unseen_tasks(cfg.data)
     n_train = len(dataset_tasks(cfg.data))
+    try:
+        n_groups = build(cfg.grouper, "grouper").n_groups(n_train)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if n_groups < n_train:
+        raise ConfigError(f"grouper={OmegaConf.select(cfg, 'grouper._target_')} makes {n_groups} groups of "
+                          f"{n_train} tasks: the harmodt recipe trains one mask per task (grouper=none); "
+                          f"grouped masks are the g_harmodt recipe's")
     if unseen and cfg.model.task_id:
         raise ConfigError(f"data.unseen_tasks {unseen}: a task-id model (model.task_id=true, MTDT) has no "
                           f"embedding for tasks it never trained on; use a prompt-based method")

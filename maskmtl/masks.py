@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -198,14 +200,40 @@ class MaskSet(nn.Module):
 
 # ---- the masks.safetensors file -----------------------------------------------------------
 
+# Names of atomic_write_bytes's temporary files: tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
+# puts 8 characters of [a-z0-9_] between them.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder: readers never see
-    a half-written file. ``replace=False`` never replaces an existing file (FileExistsError)."""
+    a half-written file. ``replace=False`` never replaces an existing file (FileExistsError).
+
+    The file gets mode ``0o666 & ~umask``, as a file created by ``open(path, "wb")`` would (the
+    temporary file's private 0600 is not kept), so colleagues sharing the folder can read it.
+    A process killed mid-write leaves its temporary file ``.NAME.XXXXXXXX.tmp`` behind;
+    ``remove_stale_temps`` removes those.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -216,6 +244,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, min_age_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files that interrupted ``atomic_write_bytes`` calls left in ``folder``.
+
+    Only regular files named exactly as those temporaries (``.NAME.XXXXXXXX.tmp``, ``XXXXXXXX``
+    eight characters of ``[a-z0-9_]``) directly in ``folder`` are removed; nothing else is touched
+    and sub-folders are not searched. A write in progress has such a file too: call this when no
+    other process writes into ``folder`` (e.g. when a run starts in its own folder), or pass
+    ``min_age_s`` to spare files modified in the last ``min_age_s`` seconds.
+
+    Returns the removed paths, sorted; ``[]`` when ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not _TEMP_NAME.fullmatch(p.name) or p.is_symlink() or not p.is_file():
+            continue
+        try:
+            if min_age_s > 0 and now - p.stat().st_mtime < min_age_s:
+                continue
+            p.unlink()
+        except FileNotFoundError:  # finished (renamed) or removed by someone else meanwhile
+            continue
+        removed.append(p)
+    return removed
 
 
 def save_masks(masks: MaskSet, path: str | os.PathLike) -> None:

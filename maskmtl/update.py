@@ -45,10 +45,21 @@ def _flat(d: Mapping[str, torch.Tensor], names: list[str], g: int) -> torch.Tens
     return torch.cat([d[n][g].reshape(-1) for n in names])
 
 
+def _rankable(s: torch.Tensor) -> torch.Tensor:
+    """Scores in a dtype that ranks them exactly as given: float32 and float64 stay as they are
+    (float64 is not rounded to float32, which could tie or reorder close scores), half precision
+    is widened to float32 and integers to float64."""
+    if s.dtype in (torch.float32, torch.float64):
+        return s
+    return s.float() if s.is_floating_point() else s.double()
+
+
 def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
          grow_scores: Mapping[str, torch.Tensor], alpha: int) -> SwapResult:
     """Drop the ``alpha`` lowest-drop-score active entries and recover the ``alpha`` highest-grow-
     score inactive entries, in every group. Inputs and outputs are name -> ``[G, *P]`` tensors.
+
+    Scores are ranked in their own dtype (float64 scores are not rounded to float32).
 
     Raises:
         MaskUpdateError: ``alpha`` exceeds a group's active or inactive entries, a candidate score
@@ -73,8 +84,8 @@ def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tens
             raise MaskUpdateError(
                 f"group {g}: alpha={alpha} exceeds its active ({n_active}) or inactive ({n_inactive}) "
                 f"entries; lower the scheduler's eta_max/alpha or change the initializer's density")
-        ds = _flat(drop_scores, names, g).float()
-        gs = _flat(grow_scores, names, g).float()
+        ds = _rankable(_flat(drop_scores, names, g))
+        gs = _rankable(_flat(grow_scores, names, g))
         if torch.isnan(ds[active]).any() or torch.isnan(gs[~active]).any():
             raise MaskUpdateError(f"group {g}: NaN in the scores of candidate entries")
         drop_idx = torch.topk(ds.masked_fill(~active, float("inf")), alpha, largest=False).indices
@@ -104,7 +115,8 @@ def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tens
 
 def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """Per group, keep the ``round(density·|θ|)`` highest-scoring entries over all targets
-    (G-HarmoDT's M_G = 1 − ArgBtmK_{S·|θ|}(Σ GH)). ``scores``: name -> ``[G, *P]``."""
+    (G-HarmoDT's M_G = 1 − ArgBtmK_{S·|θ|}(Σ GH)). ``scores``: name -> ``[G, *P]``, ranked in
+    their own dtype."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     names = list(scores)
@@ -114,7 +126,7 @@ def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dic
     keep = int(round(density * total))
     out = {n: torch.zeros(scores[n].shape, dtype=torch.bool, device=scores[n].device) for n in names}
     for g in range(n_groups):
-        s = _flat(scores, names, g).float()
+        s = _rankable(_flat(scores, names, g))
         if torch.isnan(s).any():
             raise MaskUpdateError(f"group {g}: NaN in the scores")
         flat = torch.zeros(total, dtype=torch.bool, device=s.device)

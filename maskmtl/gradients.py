@@ -64,7 +64,8 @@ class GroupGradients:
         return unused_by_group(self.task_unused, self.task_to_group)
 
 
-def unused_by_group(task_unused: dict[str, torch.Tensor] | None, task_to_group: list[int]) -> dict[str, torch.Tensor] | None:
+def unused_by_group(task_unused: dict[str, torch.Tensor] | None,
+                    task_to_group: list[int]) -> dict[str, torch.Tensor] | None:
     """Per-task ``[N]`` unused flags -> per-group ``[G]``: True where every task of the group leaves
     the target unused. ``None`` when no group leaves any target unused."""
     if task_unused is None:
@@ -120,7 +121,9 @@ def estimate_gradients(
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} for task "
                              f"{task} ({masks.tasks[task]!r})")
         leaf_list = [leaves[n] for n in names]
-        grads = list(torch.autograd.grad(loss, leaf_list, allow_unused=True)) if loss.requires_grad else [None] * len(names)
+        grads = [None] * len(names)
+        if loss.requires_grad:  # allow_unused: a target the loss does not use gets None (a zero gradient)
+            grads = list(torch.autograd.grad(loss, leaf_list, allow_unused=True))
         if all(gr is None for gr in grads):
             few = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
             raise ValueError(

@@ -10,7 +10,8 @@ from .gradients import GroupGradients, estimate_gradients, harmony
 from .groupers import KNNGrouper, NoneGrouper
 from .initializers import DenseInitializer, ERKInitializer, RandomInitializer
 from .interfaces import Grouper, Initializer, Scheduler, Scorer
-from .masks import MaskError, MaskSet, load_masks, read_masks_file, save_masks
+from .masks import (MaskError, MaskIndexError, MaskSet, MaskTargetError, load_masks, read_masks_file,
+                    remove_stale_temps, save_masks)
 from .schedulers import ConstantScheduler, CosineScheduler
 from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer
 from .structures import AttentionHeads, StructureError, StructureMap, build_structures
@@ -21,9 +22,9 @@ __all__ = [
     "AgreementScorer", "AttentionHeads", "ExportError", "StructureError", "StructureMap", "build_structures",
     "export_pruned", "load_export", "save_export", "ConstantScheduler", "CosineScheduler", "DenseInitializer", "ERKInitializer",
     "FisherScorer", "GroupGradients", "Grouper", "Initializer", "KNNGrouper", "MagnitudeScorer",
-    "MaskError", "MaskSet", "MaskUpdateError", "MaskUpdater", "MaskedAdamW", "MaskedModel",
+    "MaskError", "MaskIndexError", "MaskSet", "MaskTargetError", "MaskUpdateError", "MaskUpdater", "MaskedAdamW", "MaskedModel",
     "NoneGrouper", "RandomInitializer", "Scheduler", "Scorer", "Target", "TargetError",
     "check_schedule", "estimate_gradients", "group_tasks", "harmony", "load_checkpoint", "load_masks",
-    "masks_from_scores", "read_masks_file", "save_checkpoint", "save_masks", "select_targets", "swap",
+    "masks_from_scores", "read_masks_file", "remove_stale_temps", "save_checkpoint", "save_masks", "select_targets", "swap",
 ]
 __version__ = "0.1.0"

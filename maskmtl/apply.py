@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .masks import MaskSet
+from .masks import MaskError, MaskSet, MaskTargetError, check_masks_fit_model
 
 
 class MaskedModel:
@@ -40,10 +40,9 @@ class MaskedModel:
     def __init__(self, model: nn.Module, masks: MaskSet):
         self.model = model
         self.masks = masks
+        # every target is a parameter of the model, its mask exactly [groups, *param.shape]
+        masks.check_model(model)
         params = dict(model.named_parameters())
-        missing = [n for n in masks.names if n not in params]
-        if missing:
-            raise KeyError(f"masks name parameters the model does not have: {missing}")
         self.params = {n: params[n] for n in masks.names}
         # Every name under which a target is registered (tied weights have several). Substituting
         # all of them ourselves lets functional_call skip its per-call search for tied weights.
@@ -60,6 +59,7 @@ class MaskedModel:
         ``where`` per target, which dominated small steps on a GPU); its backward is the same
         multiply, so ``θ.grad = ∇L(θ⊙M)⊙M``. Equal to ``where(M, θ, 0)`` for finite θ.
         """
+        group = self.masks.group_index(group)
         params = self.params if params is None else params
         names = self.masks.names
         ws = [params[n] for n in names]
@@ -79,7 +79,8 @@ class MaskedModel:
         return self.forward_group(self.masks.group_of(task), *args, **kwargs)
 
     def bind(self, task: int | str | None) -> Callable[..., Any]:
-        """A callable ``forward(*args, **kwargs)`` for one task (``None``: dense)."""
+        """A callable ``forward(*args, **kwargs)`` for one task (``None``: dense). The task is
+        checked here, once."""
         group = None if task is None else self.masks.group_of(task)
         return lambda *args, **kwargs: self.forward_group(group, *args, **kwargs)
 
@@ -117,7 +118,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._name = {id(p): n for n, p in named}
         unknown = set(masks.names) - set(self._name.values())
         if unknown:
-            raise KeyError(f"masked targets not among the optimizer's parameters: {sorted(unknown)}")
+            raise MaskTargetError(f"masked targets not among the optimizer's parameters: {sorted(unknown)} "
+                                  f"(pass model.named_parameters(), with requires_grad on the targets)")
+        check_masks_fit_model(masks.as_dict(), {n: p for n, p in named if n in masks.names})
 
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -129,6 +132,8 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *, group: int | None = None):  # type: ignore[override]
+        if group is not None:
+            group = self.masks.group_index(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -194,6 +199,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         Returns the number of entries reset. Parameters without state yet are skipped.
         """
         by_name = {self._name[id(p)]: p for pg in self.param_groups for p in pg["params"]}
+        unknown = [name for name in entries if name not in by_name]
+        if unknown:
+            raise MaskTargetError(f"reset_entries: {unknown} are not parameters of this optimizer "
+                                  f"(it has {len(by_name)}, e.g. {sorted(by_name)[:4]})")
+        for name, e in entries.items():
+            if e.dtype != torch.bool or e.shape != by_name[name].shape:
+                raise MaskError(f"reset_entries: entries of {name!r} must be a bool tensor of the parameter's "
+                                f"shape {list(by_name[name].shape)}, got {e.dtype} {list(e.shape)}")
         n = 0
         for name, e in entries.items():
             p = by_name[name]

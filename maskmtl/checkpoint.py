@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .masks import atomic_write_bytes
+from .masks import MaskError, atomic_write_bytes
 
 
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -75,8 +75,16 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, masks: t
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} cannot be read ({e}); move it away to start afresh") from e
-    masks.load_state_dict(payload["masks"])
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    need = ("step", "model", "masks", "optimizer", "rng", "extra")
+    missing = [k for k in need if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} is not a maskmtl checkpoint: it lacks {missing} "
+                           f"(save_checkpoint writes {list(need)}); move it away to start afresh")
+    for key, part in (("masks", masks), ("model", model), ("optimizer", optimizer)):
+        try:
+            part.load_state_dict(payload[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            kind = next(k for k in (MaskError, ValueError, KeyError, RuntimeError) if isinstance(e, k))
+            raise kind(f"checkpoint {path}: its {key} state does not fit this run's {key}: {e}") from e
     set_rng_state(payload["rng"], generators)
     return {"step": payload["step"], "extra": payload["extra"]}

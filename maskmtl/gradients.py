@@ -12,6 +12,15 @@ For every task i (in group j = task_to_group[i]), averaged over ``n`` batches, i
 Both recovery choices are informative at inactive entries, which is what recovery ranks; the
 published code's ``g_i ⊙ M_i`` (all inactive candidates tie at zero) is not offered.
 
+A target that task i's loss does not use at all (autograd finds no path from L_i to it: a
+per-task head of another task, a pooler whose output the loss never reads) gets ḡ_i = g_i = 0
+there, and is recorded as unused by task i (``GroupGradients.task_unused``). With zero gradients,
+its agreement A and Fisher importance I for that task are zero (magnitude importance |θ⊙M| is not:
+it does not look at gradients). The mask update (``maskmtl.update``) therefore does not rank such
+entries by their scores: a group's active entries on a target that none of its tasks uses are
+dropped first (they cost the group density and do nothing for its tasks), and its inactive ones
+there are recovered last. A loss that uses none of the targets is an error.
+
 Group sums (plain HarmoDT has one task per group, and these reduce to the per-task values):
 
     masked[j] = Σ_{i∈G_j} ḡ_i,   dense[j] = Σ_{i∈G_j} g_i,   loss[j] = Σ_{i∈G_j} L_i
@@ -47,6 +56,27 @@ class GroupGradients:
     task_masked: dict[str, torch.Tensor]  # [N, *P]  ḡ_i per task (harmony diagnostic, grouping)
     task_loss: torch.Tensor  # [N]
     task_to_group: list[int]
+    task_unused: dict[str, torch.Tensor] | None = None  # [N] bool: task i's loss does not use the target
+
+    def group_unused(self) -> dict[str, torch.Tensor] | None:
+        """Target name -> ``[G]`` bool: no task of group j uses the target (``None``: every group
+        uses every target, or nothing was recorded)."""
+        return unused_by_group(self.task_unused, self.task_to_group)
+
+
+def unused_by_group(task_unused: dict[str, torch.Tensor] | None,
+                    task_to_group: list[int]) -> dict[str, torch.Tensor] | None:
+    """Per-task ``[N]`` unused flags -> per-group ``[G]``: True where every task of the group leaves
+    the target unused. ``None`` when no group leaves any target unused."""
+    if task_unused is None:
+        return None
+    idx = torch.tensor(list(task_to_group))
+    n_groups = max(task_to_group) + 1
+    out = {}
+    for n, u in task_unused.items():
+        users = torch.zeros(n_groups, dtype=torch.long).index_add_(0, idx, (~u.cpu()).long())
+        out[n] = users == 0
+    return out if any(bool(u.any()) for u in out.values()) else None
 
 
 def estimate_gradients(
@@ -71,19 +101,37 @@ def estimate_gradients(
     if recovery not in RECOVERY_GRADIENTS:
         raise ValueError(f"masking.recovery_gradient must be one of {RECOVERY_GRADIENTS}, got {recovery!r}")
     names = masks.names
+    masks.check_model(model)
     params = {n: p for n, p in model.named_parameters() if n in masks.names}
     n_tasks, n_groups = masks.n_tasks, masks.n_groups
     task_masked = {n: torch.zeros((n_tasks, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     dense = {n: torch.zeros((n_groups, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     task_loss = torch.zeros(n_tasks, dtype=torch.float64)
+    used = {n: torch.zeros(n_tasks, dtype=torch.bool) for n in names}
 
-    def grad_at(weights: dict[str, torch.Tensor], task: int, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def grad_at(weights: dict[str, torch.Tensor], task: int, batch: Any) -> tuple[torch.Tensor, list]:
+        """Loss and its gradient w.r.t. each target (``None`` for a target the loss does not use)."""
         leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
         fwd = lambda *a, **k: functional_call(model, leaves, a, k)  # noqa: E731
         loss = loss_fn(fwd, task, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} for task "
+                             f"{task} ({masks.tasks[task]!r})")
         if loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        return loss.detach(), torch.autograd.grad(loss, [leaves[n] for n in names])
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} for task "
+                             f"{task} ({masks.tasks[task]!r})")
+        leaf_list = [leaves[n] for n in names]
+        grads = [None] * len(names)
+        if loss.requires_grad:  # allow_unused: a target the loss does not use gets None (a zero gradient)
+            grads = list(torch.autograd.grad(loss, leaf_list, allow_unused=True))
+        if all(gr is None for gr in grads):
+            few = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+            raise ValueError(
+                f"the loss of task {task} ({masks.tasks[task]!r}) depends on none of the {len(names)} mask "
+                f"targets ({few}): loss_fn(forward, task, batch) must compute its loss from the outputs of "
+                f"the forward it is given (a constant loss, or one using only unmasked parameters, leaves "
+                f"nothing to score)")
+        return loss.detach(), grads
 
     was_training = model.training
     model.eval()  # dropout off for the estimates
@@ -100,13 +148,18 @@ def estimate_gradients(
                 loss, grads = grad_at(w, i, batch)
                 task_loss[i] += loss.double().cpu()
                 for n, gr in zip(names, grads):
+                    if gr is None:  # unused by this task's loss: a zero gradient
+                        continue
+                    used[n][i] = True
                     task_masked[n][i].add_(torch.where(m[n], gr, 0.0))
                     if recovery == "masked_point":
                         dense_i[n].add_(gr)
                 if recovery == "dense":
                     _, dgrads = grad_at({n: params[n] for n in names}, i, batch)
                     for n, gr in zip(names, dgrads):
-                        dense_i[n].add_(gr)
+                        if gr is not None:
+                            used[n][i] = True
+                            dense_i[n].add_(gr)
             if count == 0:
                 raise ValueError(f"batches({i}) yielded no batch for task {masks.tasks[i]!r}")
             task_loss[i] /= count
@@ -117,10 +170,10 @@ def estimate_gradients(
                 progress(i)
     finally:
         model.train(was_training)
-    return _group_sums(task_masked, dense, task_loss, masks.task_to_group)
+    return _group_sums(task_masked, dense, task_loss, masks.task_to_group, {n: ~u for n, u in used.items()})
 
 
-def _group_sums(task_masked, dense, task_loss, task_to_group):
+def _group_sums(task_masked, dense, task_loss, task_to_group, task_unused=None):
     n_groups = max(task_to_group) + 1
     idx = torch.tensor(task_to_group)
     if list(task_to_group) == list(range(len(task_to_group))):
@@ -133,7 +186,7 @@ def _group_sums(task_masked, dense, task_loss, task_to_group):
     loss = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, idx, task_loss)
     mean = {n: t.sum(dim=0) / n_groups for n, t in masked.items()}
     return GroupGradients(masked=masked, dense=dense, loss=loss, mean=mean, task_masked=task_masked,
-                          task_loss=task_loss, task_to_group=list(task_to_group))
+                          task_loss=task_loss, task_to_group=list(task_to_group), task_unused=task_unused)
 
 
 def harmony(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> float:
@@ -141,13 +194,17 @@ def harmony(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> float:
 
     ``(1/N) Σ_i mean_{j ∈ M_i} sign(ḡ_i,j · ĝ_j)``: each task is averaged over the entries its
     group's mask keeps (with all-ones masks this is the paper's ``1/(NK) Σ_i Σ_j sign(g_i,j ĝ_j)``).
-    ``masks`` are the masks the gradients were taken with.
+    ``masks`` are the masks the gradients were taken with. Targets a task's loss does not use
+    (``grads.task_unused``) are left out of that task's average.
     """
     n_tasks = grads.task_loss.numel()
     total = torch.zeros(n_tasks, dtype=torch.float64)
     count = torch.zeros(n_tasks, dtype=torch.float64)
     for n, tm in grads.task_masked.items():
         m = masks[n][grads.task_to_group]  # [N, *P]
+        if grads.task_unused is not None and bool(grads.task_unused[n].any()):
+            keep = ~grads.task_unused[n].to(m.device)
+            m = m & keep.reshape(-1, *([1] * (m.dim() - 1)))
         s = torch.sign(tm * grads.mean[n]) * m
         total += s.reshape(n_tasks, -1).sum(dim=1).double().cpu()
         count += m.reshape(n_tasks, -1).sum(dim=1).double().cpu()

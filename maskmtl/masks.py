@@ -10,11 +10,15 @@ map. Loading is the exact inverse of saving and refuses anything that does not f
 
 from __future__ import annotations
 
+import difflib
 import json
+import operator
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,9 +30,90 @@ class MaskError(ValueError):
     """Masks that do not fit the model, the tasks, or each other."""
 
 
+class MaskIndexError(MaskError, IndexError):
+    """A task or group index that is not an integer in range, or an unknown task name.
+
+    Both a ``ValueError`` (via ``MaskError``) and an ``IndexError``."""
+
+
+class MaskTargetError(MaskError, KeyError):
+    """A target name the masks, the model or the optimizer do not have.
+
+    Both a ``ValueError`` (via ``MaskError``) and a ``KeyError`` (what this used to raise)."""
+
+    __str__ = BaseException.__str__  # the message as written, not KeyError's repr of it
+
+
+def check_index(value: Any, size: int, arg: str, what: str) -> int:
+    """``value`` as an ``int`` in ``0..size-1``; anything else (negative, too large, bool, float,
+    str) raises ``MaskIndexError`` naming ``arg``, the value and the valid range."""
+    bad_type = isinstance(value, bool) or (isinstance(value, torch.Tensor) and
+                                           (value.dtype == torch.bool or value.is_floating_point()))
+    try:
+        idx = None if bad_type else operator.index(value)
+    except TypeError:
+        idx = None
+    if idx is None:
+        raise MaskIndexError(f"{arg}={value!r} ({type(value).__name__}) is not a {what} index: "
+                             f"expected an integer in 0..{size - 1}")
+    if not 0 <= idx < size:
+        raise MaskIndexError(f"{arg}={idx} is out of range: {what} indices are 0..{size - 1}"
+                             + (" (negative indices are refused, not wrapped)" if idx < 0 else ""))
+    return idx
+
+
 def _buffer_key(name: str) -> str:
     # Buffer names cannot contain '.', parameter names do.
     return name.replace(".", "__")
+
+
+def _preview(names: Sequence[str], k: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+def check_masks_fit_model(masks: Mapping[str, torch.Tensor], model: nn.Module | Mapping[str, torch.Tensor], *,
+                          source: str | os.PathLike | None = None) -> None:
+    """Check masks (target name -> ``[G, *P]``) against ``model`` (a module, or parameter name ->
+    tensor): every target is a parameter and its mask has shape ``[groups, *param.shape]`` exactly
+    (no broadcasting).
+
+    Raises:
+        MaskError: names the target, the expected and the given shape, and ``source`` (a file) if given.
+    """
+    where = f"{source}: " if source is not None else ""
+    if isinstance(model, nn.Module):
+        params, owner = dict(model.named_parameters()), f"the model ({type(model).__name__})"
+    else:
+        params, owner = dict(model), "the parameters"
+    missing = [n for n in masks if n not in params]
+    if missing:
+        close = {n: difflib.get_close_matches(n, list(params), n=2) for n in missing[:3]}
+        hints = "; ".join(f"{n!r}: close parameter names {c}" for n, c in close.items() if c)
+        raise MaskTargetError(f"{where}masks name targets {owner} does not have: "
+                              f"{missing}" + (f" ({hints})" if hints else "")
+                              + f"; its parameters are {_preview(list(params))}")
+    for n, m in masks.items():
+        want = tuple(params[n].shape)
+        if m.dim() != len(want) + 1 or tuple(m.shape[1:]) != want:
+            g = m.shape[0] if m.dim() else "G"
+            raise MaskError(f"{where}mask of target {n!r} has shape {list(m.shape)}; expected "
+                            f"[groups, *param.shape] = {[g, *want]} (parameter {n!r} has shape {list(want)}; "
+                            f"masks must match it exactly, broadcasting is not allowed)")
+
+
+def _group_list(task_to_group: Sequence[int], arg: str = "task_to_group") -> list[int]:
+    """``task_to_group`` as a list of ints; bools, floats and other non-integers are refused."""
+    out = []
+    for i, g in enumerate(task_to_group):
+        try:
+            if isinstance(g, bool):
+                raise TypeError
+            out.append(operator.index(g))
+        except TypeError:
+            raise MaskIndexError(f"{arg}[{i}]={g!r} ({type(g).__name__}) is not a group index: "
+                                 f"expected an integer >= 0") from None
+    return out
 
 
 def validate_task_to_group(tasks: Sequence[str], task_to_group: Sequence[int]) -> int:
@@ -66,10 +151,11 @@ class MaskSet(nn.Module):
             raise MaskError("a MaskSet needs at least one target")
         self.tasks: list[str] = list(tasks)
         self._float_cache: dict[tuple[str, torch.dtype], tuple] = {}  # see as_float
-        t2g = list(range(len(self.tasks))) if task_to_group is None else [int(g) for g in task_to_group]
+        t2g = list(range(len(self.tasks))) if task_to_group is None else _group_list(task_to_group)
         n_groups = validate_task_to_group(self.tasks, t2g)
         self.task_to_group: list[int] = t2g
         self.names: list[str] = list(masks)
+        self._name_set = frozenset(self.names)
         keys = [_buffer_key(n) for n in self.names]
         if len(set(keys)) != len(keys):
             raise MaskError(f"target names collide once '.' is replaced by '__': {self.names}")
@@ -92,7 +178,17 @@ class MaskSet(nn.Module):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The ``[G, *P]`` bool mask of one target."""
+        if name not in self._name_set:
+            close = difflib.get_close_matches(str(name), self.names, n=3)
+            raise MaskTargetError(f"no mask for target {name!r}"
+                                  + (f"; close target names: {close}" if close else "")
+                                  + f"; the {len(self.names)} targets are {_preview(self.names)}")
         return getattr(self, _buffer_key(name))
+
+    def check_model(self, model: nn.Module, *, source: str | os.PathLike | None = None) -> None:
+        """Raise ``MaskError`` unless every target is a parameter of ``model`` and its mask has
+        shape ``[groups, *param.shape]`` exactly (see ``check_masks_fit_model``)."""
+        check_masks_fit_model(self.as_dict(), model, source=source)
 
     def items(self):
         return [(n, self[n]) for n in self.names]
@@ -100,9 +196,21 @@ class MaskSet(nn.Module):
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {n: self[n] for n in self.names}
 
+    def task_index(self, task: int | str, arg: str = "task") -> int:
+        """Index of ``task`` (an index in ``0..N-1`` or a task name); refuses anything else."""
+        if isinstance(task, str):
+            if task not in self.tasks:
+                raise MaskIndexError(f"{arg}={task!r} is not one of the {self.n_tasks} task names {self.tasks}")
+            return self.tasks.index(task)
+        return check_index(task, self.n_tasks, arg, "task")
+
+    def group_index(self, group: int, arg: str = "group") -> int:
+        """``group`` checked to be an integer in ``0..G-1``."""
+        return check_index(group, self.n_groups, arg, "group")
+
     def group_of(self, task: int | str) -> int:
-        idx = self.tasks.index(task) if isinstance(task, str) else int(task)
-        return self.task_to_group[idx]
+        """Group of ``task`` (index in ``0..N-1`` or name)."""
+        return self.task_to_group[self.task_index(task)]
 
     def as_float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Masks ``[G, *P]`` of target ``name`` as 0/1 of ``dtype``, for multiplying. Converted once
@@ -117,6 +225,7 @@ class MaskSet(nn.Module):
 
     def group(self, g: int) -> dict[str, torch.Tensor]:
         """Target name -> bool mask of group ``g`` (views, shape ``P``)."""
+        g = self.group_index(g, "g")
         return {n: self[n][g] for n in self.names}
 
     def for_task(self, task: int | str) -> dict[str, torch.Tensor]:
@@ -135,8 +244,10 @@ class MaskSet(nn.Module):
 
     def set_grouping(self, task_to_group: Sequence[int], masks: Mapping[str, torch.Tensor]) -> None:
         """Regroup tasks: new task -> group map and masks with the matching group count."""
-        t2g = [int(g) for g in task_to_group]
+        t2g = _group_list(task_to_group)
         n_groups = validate_task_to_group(self.tasks, t2g)
+        if set(masks) != set(self.names):
+            raise MaskError(f"set_grouping got targets {sorted(masks)}, expected {sorted(self.names)}")
         for n in self.names:
             m = masks[n]
             if m.dtype != torch.bool or m.shape[1:] != self[n].shape[1:] or m.shape[0] != n_groups:
@@ -198,14 +309,40 @@ class MaskSet(nn.Module):
 
 # ---- the masks.safetensors file -----------------------------------------------------------
 
+# Names of atomic_write_bytes's temporary files: tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
+# puts 8 characters of [a-z0-9_] between them.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder: readers never see
-    a half-written file. ``replace=False`` never replaces an existing file (FileExistsError)."""
+    a half-written file. ``replace=False`` never replaces an existing file (FileExistsError).
+
+    The file gets mode ``0o666 & ~umask``, as a file created by ``open(path, "wb")`` would (the
+    temporary file's private 0600 is not kept), so colleagues sharing the folder can read it.
+    A process killed mid-write leaves its temporary file ``.NAME.XXXXXXXX.tmp`` behind;
+    ``remove_stale_temps`` removes those.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -216,6 +353,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, min_age_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files that interrupted ``atomic_write_bytes`` calls left in ``folder``.
+
+    Only regular files named exactly as those temporaries (``.NAME.XXXXXXXX.tmp``, ``XXXXXXXX``
+    eight characters of ``[a-z0-9_]``) directly in ``folder`` are removed; nothing else is touched
+    and sub-folders are not searched. A write in progress has such a file too: call this when no
+    other process writes into ``folder`` (e.g. when a run starts in its own folder), or pass
+    ``min_age_s`` to spare files modified in the last ``min_age_s`` seconds.
+
+    Returns the removed paths, sorted; ``[]`` when ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not _TEMP_NAME.fullmatch(p.name) or p.is_symlink() or not p.is_file():
+            continue
+        try:
+            if min_age_s > 0 and now - p.stat().st_mtime < min_age_s:
+                continue
+            p.unlink()
+        except FileNotFoundError:  # finished (renamed) or removed by someone else meanwhile
+            continue
+        removed.append(p)
+    return removed
 
 
 def save_masks(masks: MaskSet, path: str | os.PathLike) -> None:
@@ -242,8 +408,12 @@ def read_masks_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         raise MaskError(f"{path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != FORMAT:
         raise MaskError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
-    tasks = json.loads(meta["tasks"])
-    t2g = json.loads(meta["task_to_group"])
+    try:
+        tasks = json.loads(meta["tasks"])
+        t2g = json.loads(meta["task_to_group"])
+    except (KeyError, ValueError) as e:
+        raise MaskError(f"{path}: metadata 'tasks' and 'task_to_group' must be JSON lists "
+                        f"({type(e).__name__}: {e})") from e
     for k, t in tensors.items():
         if t.dtype == torch.uint8:
             if t.numel() and int(t.max()) > 1:
@@ -254,13 +424,17 @@ def read_masks_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     return tensors, tasks, t2g
 
 
-def load_masks(masks: MaskSet, path: str | os.PathLike) -> None:
+def load_masks(masks: MaskSet, path: str | os.PathLike, model: nn.Module | None = None) -> None:
     """Load a masks file into ``masks`` in place: the exact inverse of ``save_masks``.
 
     Raises MaskError when task names, target names or shapes differ (regrouping to another group
-    count is allowed: the file's task -> group map is taken).
+    count is allowed: the file's task -> group map is taken). With ``model``, the file is also
+    checked against the model: every target is one of its parameters, with the mask shape
+    ``[groups, *param.shape]``.
     """
     tensors, tasks, t2g = read_masks_file(path)
+    if model is not None:
+        check_masks_fit_model(tensors, model, source=path)
     if tasks != masks.tasks:
         raise MaskError(f"{path}: masks are for tasks {tasks}, this run has {masks.tasks}")
     missing, extra = sorted(set(masks.names) - set(tensors)), sorted(set(tensors) - set(masks.names))

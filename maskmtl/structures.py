@@ -198,28 +198,37 @@ class StructureMap:
         for f in self.families:
             if f.first <= sid < f.first + f.count:
                 return f"{f.kind} {sid - f.first} of {f.root}"
-        raise IndexError(sid)
+        raise IndexError(f"structure id sid={sid!r} is out of range: ids are 0..{self.n_structures - 1}")
 
     # ---- the structure twins of swap, masks_from_scores and initialisation -----------------
+    def _unused(self, unused: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        # a structure is unused when all of its entries are
+        return None if unused is None else {"structures": self.to_structures(unused, check=False)}
+
     def swap(self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
-             grow_scores: Mapping[str, torch.Tensor], alpha: int):
+             grow_scores: Mapping[str, torch.Tensor], alpha: int, unused: Mapping[str, torch.Tensor] | None = None):
         """``maskmtl.update.swap`` over structures: drop the ``alpha`` active structures of
         lowest aggregated drop score and recover the ``alpha`` inactive ones of highest aggregated
-        grow score, per group. ``alpha`` counts structures. Returns a ``SwapResult`` in entries."""
+        grow score, per group. ``alpha`` counts structures. Returns a ``SwapResult`` in entries.
+        ``unused`` (entries no task of the group uses): structures all of whose entries are
+        unused are dropped first and recovered last."""
         from .update import SwapResult, swap
 
         sm = self.to_structures(masks)
         res = swap({"structures": sm}, {"structures": self.aggregate(drop_scores)},
-                   {"structures": self.aggregate(grow_scores)}, alpha)
+                   {"structures": self.aggregate(grow_scores)}, alpha, unused=self._unused(unused))
         return SwapResult(self.to_elements(res.masks["structures"]),
                           self.to_elements(res.dropped["structures"], fill=False),
                           self.to_elements(res.recovered["structures"], fill=False), res.alpha)
 
-    def masks_from_scores(self, scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-        """Per group, keep the ``round(density · S)`` structures of highest aggregated score."""
+    def masks_from_scores(self, scores: Mapping[str, torch.Tensor], density: float,
+                          unused: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per group, keep the ``round(density · S)`` structures of highest aggregated score
+        (structures all of whose entries are ``unused`` last)."""
         from .update import masks_from_scores
 
-        kept = masks_from_scores({"structures": self.aggregate(scores)}, density)["structures"]
+        kept = masks_from_scores({"structures": self.aggregate(scores)}, density,
+                                 unused=self._unused(unused))["structures"]
         return self.to_elements(kept)
 
     def family_densities(self, initializer: Any) -> dict[str, float]:

@@ -8,6 +8,7 @@ inclusion. Tied parameters appear once, under the first name ``named_parameters`
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
@@ -56,6 +57,43 @@ def _compile(pattern: Pattern, key: str):
     return lambda name: name in exact or name.endswith(suffixes)
 
 
+def _close_names(pattern: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """Parameter names (or their dotted suffixes, the forms a list entry may take) close to ``pattern``."""
+    forms: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        forms.setdefault(name)
+        for i in range(1, len(parts)):
+            forms.setdefault(".".join(parts[i:]))
+    return difflib.get_close_matches(pattern, list(forms), n=n, cutoff=0.6)
+
+
+def _matches(p: str, names: Iterable[str]) -> list[str]:
+    return [n for n in names if n == p or n.endswith("." + p)]
+
+
+def _unmatched_entries(pattern: Pattern, names: Sequence[str], key: str, aliases: dict[str, str]) -> None:
+    """Every entry of a list pattern must match a parameter (exactly or as a dotted suffix).
+    ``aliases``: second names of tied parameters -> their first name."""
+    if pattern is None or isinstance(pattern, str):
+        return
+    for p in pattern:
+        if _matches(p, names):
+            continue
+        tied = _matches(p, aliases)
+        if tied:
+            raise TargetError(f"{key} entry {p!r} names {tied[0]!r}, which is tied to {aliases[tied[0]]!r}: "
+                              f"tied parameters are one target, listed under their first name; "
+                              f"use {aliases[tied[0]]!r}")
+        close = _close_names(p, names)
+        preview = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+        raise TargetError(
+            f"{key} entry {p!r} matches no parameter of the model (list entries match a parameter name "
+            f"exactly or as a dotted suffix); "
+            + (f"close parameter names: {close}" if close else f"the model's {len(names)} parameters are {preview}")
+        )
+
+
 def match_name(name: str, include: Pattern, exclude: Pattern = None) -> bool:
     """Whether one parameter name is a target under these patterns."""
     return _compile(include, "targets.include")(name) and not _compile(exclude, "targets.exclude")(name)
@@ -79,19 +117,27 @@ def select_targets(
         Targets in ``named_parameters`` order.
     Raises:
         TargetError: nothing selected; the message says whether nothing matched ``include`` or
-            every match was excluded.
+            every match was excluded. Also every entry of an ``include`` or ``exclude`` list must
+            match some parameter (a misspelt name is an error, not silently ignored; close names
+            are suggested). An ``exclude`` regex may match nothing: the same recipe regex (e.g.
+            ``.*(ln|norm).*``) serves models with and without such layers.
     """
     if include is None:
         raise TargetError(f"{key}.include is required (a regex string or a list of parameter names)")
     inc = _compile(include, f"{key}.include")
     exc = _compile(exclude, f"{key}.exclude")
     names = [n for n, _ in model.named_parameters()]
+    first = {id(p): n for n, p in model.named_parameters()}
+    aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    _unmatched_entries(include, names, f"{key}.include", aliases)
+    _unmatched_entries(exclude, names, f"{key}.exclude", aliases)
     included = [n for n in names if inc(n)]
     if not included:
         preview = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        close = _close_names(include, names) if isinstance(include, str) else []
         raise TargetError(
             f"{key}.include={include!r} matched none of the model's {len(names)} parameters "
-            f"({preview})"
+            f"({preview})" + (f"; close parameter names: {close}" if close else "")
         )
     params = dict(model.named_parameters())
     targets = [Target(n, tuple(params[n].shape)) for n in included if not exc(n)]

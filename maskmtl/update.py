@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony
+from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony, unused_by_group
 from .interfaces import Scheduler, Scorer
 from .masks import MaskSet
 from .structures import StructureMap
@@ -45,10 +45,44 @@ def _flat(d: Mapping[str, torch.Tensor], names: list[str], g: int) -> torch.Tens
     return torch.cat([d[n][g].reshape(-1) for n in names])
 
 
+def _rankable(s: torch.Tensor) -> torch.Tensor:
+    """Scores in a dtype that ranks them exactly as given: float32 and float64 stay as they are
+    (float64 is not rounded to float32, which could tie or reorder close scores), half precision
+    is widened to float32 and integers to float64."""
+    if s.dtype in (torch.float32, torch.float64):
+        return s
+    return s.float() if s.is_floating_point() else s.double()
+
+
+def _select(scores: torch.Tensor, candidates: torch.Tensor, k: int, largest: bool,
+            first: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` best candidates by score (``largest``: highest). With ``first``, the
+    candidates in ``first`` are all taken before any other, each part ranked by score."""
+    fill = float("-inf") if largest else float("inf")
+    if first is not None:
+        first = first & candidates
+        n_first = int(first.sum())
+        if 0 < n_first < k:
+            rest = candidates & ~first
+            return torch.cat([first.nonzero().reshape(-1),
+                              torch.topk(scores.masked_fill(~rest, fill), k - n_first, largest=largest).indices])
+        if n_first >= k:
+            candidates = first
+    return torch.topk(scores.masked_fill(~candidates, fill), k, largest=largest).indices
+
+
 def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
-         grow_scores: Mapping[str, torch.Tensor], alpha: int) -> SwapResult:
+         grow_scores: Mapping[str, torch.Tensor], alpha: int,
+         unused: Mapping[str, torch.Tensor] | None = None) -> SwapResult:
     """Drop the ``alpha`` lowest-drop-score active entries and recover the ``alpha`` highest-grow-
     score inactive entries, in every group. Inputs and outputs are name -> ``[G, *P]`` tensors.
+
+    Scores are ranked in their own dtype (float64 scores are not rounded to float32).
+
+    ``unused`` (name -> ``[G, *P]`` bool, optional): entries that none of the group's tasks use
+    (their gradients are zero, see ``maskmtl.gradients``). Active unused entries are dropped
+    before any used one, and inactive unused entries are recovered only when there are fewer
+    than ``alpha`` inactive used ones; within each part the scores rank as usual.
 
     Raises:
         MaskUpdateError: ``alpha`` exceeds a group's active or inactive entries, a candidate score
@@ -73,12 +107,15 @@ def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tens
             raise MaskUpdateError(
                 f"group {g}: alpha={alpha} exceeds its active ({n_active}) or inactive ({n_inactive}) "
                 f"entries; lower the scheduler's eta_max/alpha or change the initializer's density")
-        ds = _flat(drop_scores, names, g).float()
-        gs = _flat(grow_scores, names, g).float()
+        ds = _rankable(_flat(drop_scores, names, g))
+        gs = _rankable(_flat(grow_scores, names, g))
         if torch.isnan(ds[active]).any() or torch.isnan(gs[~active]).any():
             raise MaskUpdateError(f"group {g}: NaN in the scores of candidate entries")
-        drop_idx = torch.topk(ds.masked_fill(~active, float("inf")), alpha, largest=False).indices
-        grow_idx = torch.topk(gs.masked_fill(active, float("-inf")), alpha, largest=True).indices
+        idle = None if unused is None else _flat(unused, names, g).to(active.device)
+        if idle is not None and not bool(idle.any()):
+            idle = None
+        drop_idx = _select(ds, active, alpha, largest=False, first=idle)
+        grow_idx = _select(gs, ~active, alpha, largest=True, first=None if idle is None else ~idle)
         # Invariants: exact counts each way, drop ⊆ active, recover ⊆ inactive (hence disjoint).
         if drop_idx.unique().numel() != alpha or grow_idx.unique().numel() != alpha:
             raise MaskUpdateError(f"group {g}: selected entries are not unique")
@@ -102,9 +139,12 @@ def swap(masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tens
     return SwapResult(new, dropped, recovered, alpha)
 
 
-def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float,
+                      unused: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per group, keep the ``round(density·|θ|)`` highest-scoring entries over all targets
-    (G-HarmoDT's M_G = 1 − ArgBtmK_{S·|θ|}(Σ GH)). ``scores``: name -> ``[G, *P]``."""
+    (G-HarmoDT's M_G = 1 − ArgBtmK_{S·|θ|}(Σ GH)). ``scores``: name -> ``[G, *P]``, ranked in
+    their own dtype. ``unused`` (name -> ``[G, *P]`` bool): entries none of the group's tasks
+    use, kept only when the used ones do not fill the budget."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     names = list(scores)
@@ -114,11 +154,15 @@ def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float) -> dic
     keep = int(round(density * total))
     out = {n: torch.zeros(scores[n].shape, dtype=torch.bool, device=scores[n].device) for n in names}
     for g in range(n_groups):
-        s = _flat(scores, names, g).float()
+        s = _rankable(_flat(scores, names, g))
         if torch.isnan(s).any():
             raise MaskUpdateError(f"group {g}: NaN in the scores")
         flat = torch.zeros(total, dtype=torch.bool, device=s.device)
-        flat[torch.topk(s, keep, largest=True).indices] = True
+        idle = None if unused is None else _flat(unused, names, g).to(s.device)
+        if idle is None or not bool(idle.any()):
+            flat[torch.topk(s, keep, largest=True).indices] = True
+        else:
+            flat[_select(s, torch.ones_like(flat), keep, largest=True, first=~idle)] = True
         for n, part in zip(names, flat.split(sizes)):
             out[n][g] = part.reshape(scores[n].shape[1:])
     return out
@@ -145,12 +189,28 @@ def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler",
                 f"use scheduler=frozen)")
 
 
+def unused_entries(per_group: Mapping[str, torch.Tensor] | None,
+                   masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Per-group unused flags (name -> ``[G]``, ``GroupGradients.group_unused``) -> name -> ``[G, *P]``
+    bool, the shape of ``masks``; ``None`` stays ``None``."""
+    if per_group is None:
+        return None
+    out = {}
+    for n, m in masks.items():
+        u = per_group[n].to(m.device).reshape(-1, *([1] * (m.dim() - 1)))
+        out[n] = u.expand(m.shape)
+    return out
+
+
 @dataclass
 class MaskUpdater:
     """Runs one mask update: estimate gradients, score, swap, fix optimizer state.
 
     Args:
-        scorer: a ``Scorer``.
+        scorer: a ``Scorer``. Entries of a target that no task of a group uses (a per-task head
+            of another task, an output the loss never reads) are not ranked by their scores: the
+            group drops its active entries there first and recovers inactive ones there last
+            (see ``swap``), since they cost density and do nothing for the group's tasks.
         scheduler: a ``Scheduler`` (α_t).
         every: t_m, steps between updates (0: never).
         recovery_gradient: ``"dense"`` (Algorithm 2) or ``"masked_point"`` (cheaper).
@@ -189,10 +249,11 @@ class MaskUpdater:
         params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
         before = masks.as_dict()
         drop, grow = self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads)
+        unused = unused_entries(grads.group_unused(), before)
         if self.structures is None:
-            result = swap(before, drop, grow, alpha)
+            result = swap(before, drop, grow, alpha, unused=unused)
         else:
-            result = self.structures.swap(before, drop, grow, self.structures.alpha(alpha))
+            result = self.structures.swap(before, drop, grow, self.structures.alpha(alpha), unused=unused)
         h = harmony(grads, before)
         revived = {n: result.masks[n].any(dim=0) & ~before[n].any(dim=0) for n in masks.names}
         masks.set_masks(result.masks)
@@ -241,5 +302,6 @@ def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, 
     summed = {n: torch.zeros((n_groups, *s.shape[1:]), dtype=s.dtype, device=s.device).index_add_(0, idx.to(s.device), s)
               for n, s in scores.items()}
     pick = masks_from_scores if structures is None else structures.masks_from_scores
-    masks.set_grouping(t2g, pick(summed, density))
+    unused = unused_entries(unused_by_group(grads.task_unused, t2g), summed)
+    masks.set_grouping(t2g, pick(summed, density, unused=unused))
     return {"task_to_group": t2g, "task_vectors": vectors, "harmony": harmony(grads, ones.as_dict())}

@@ -328,6 +328,9 @@ def _umask() -> int:
     return old
 
 
+KILL_IN_WRITE_ENV = "MASKMTL_KILL_IN_WRITE"  # a file name: SIGKILL once its temporary file is written, before the rename
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder: readers never see
     a half-written file. ``replace=False`` never replaces an existing file (FileExistsError).
@@ -346,6 +349,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = 
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(KILL_IN_WRITE_ENV) == path.name:  # fault injection (kill-and-resume tests)
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         if replace:
             os.replace(tmp, path)
         else:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from maskmtl.outputs import CHECKPOINT, RESULTS, write_json
+from maskmtl.outputs import CHECKPOINT, METRICS, RESULTS, read_metrics, write_json
 
 
 class RunDirError(RuntimeError):
@@ -47,8 +47,27 @@ def restore_run(out: Path, *, model, masks, optimizer, generators: dict, numpy_r
                             map_location=device)
     for k, r in (numpy_rngs or {}).items():
         r.bit_generator.state = state["extra"]["numpy_rngs"][k]
+    if "metrics_rows" in state["extra"]:  # the log as it was at the checkpoint (rows of its step included)
+        trim_metrics(out / METRICS, int(state["extra"]["metrics_rows"]))
     print(f"resumed from {ckpt} at step {state['step']}")
     return state["step"], state["extra"], ckpt
+
+
+def metrics_rows(path: Path) -> int:
+    """Rows in a metrics log now (for a checkpoint taken at a step whose rows may be followed by
+    more rows of the same step, e.g. the final evaluation's)."""
+    return len(read_metrics(path)) if path.exists() else 0
+
+
+def trim_metrics(path: Path, rows: int) -> None:
+    """Keep the first ``rows`` rows of a metrics log (what it held when the checkpoint was taken)."""
+    from maskmtl.masks import atomic_write_bytes
+
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) > rows:
+        atomic_write_bytes(path, "".join(line + "\n" for line in lines[:rows]).encode())
 
 
 def start_run(cfg: DictConfig):
@@ -441,6 +460,7 @@ class Preemption:
 
 KILL_ENV = "MASKMTL_KILL_AT_STEP"
 PREEMPT_ENV = "MASKMTL_PREEMPT_AT_STEP"
+TERM_ENV = "MASKMTL_TERM_AT_STEP"
 
 
 def kill_point(point: int | str) -> None:
@@ -449,7 +469,7 @@ def kill_point(point: int | str) -> None:
     ``eval:250``, ``final_eval`` or ``results``), the process kills itself with SIGKILL (no cleanup,
     no final checkpoint), exactly like a job killed by the OS or the scheduler. When
     ``MASKMTL_PREEMPT_AT_STEP`` equals it, the process sends itself the preemption signal, as SLURM
-    does before a time limit."""
+    does before a time limit; ``MASKMTL_TERM_AT_STEP``, SIGTERM (``kill``, a stopped container)."""
     import os
     import signal
 
@@ -457,6 +477,8 @@ def kill_point(point: int | str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(PREEMPT_ENV) == str(point):
         os.kill(os.getpid(), preemption_signal())
+    if os.environ.get(TERM_ENV) == str(point):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from maskmtl.config import ConfigError, check_keys, is_bool, is_int, is_number
+from maskmtl.masks import remove_stale_temps
 from maskmtl.outputs import CHECKPOINT, RESULTS
 from recipes.common import RunDirError
 
@@ -247,13 +248,6 @@ def record(out: Path, state: str, resolved: dict, hydra_cfg: DictConfig | None, 
     atomic_write_bytes(hdir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode())
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Leftover temporary files of atomic writes a killed run left behind."""
-    for p in out.glob(".*.tmp"):
-        if p.is_file():
-            p.unlink()
-
-
 # ----------------------------------------------------------------------------------- entry
 
 def recipe_module(cfg: DictConfig):
@@ -283,7 +277,8 @@ def prepare(cfg: DictConfig, out: Path, overrides: list[str], choices: dict[str,
         return entry
     resolved = OmegaConf.to_container(cfg, resolve=True)
     state = guard_run_dir(out, resolved)
-    _remove_stale_temps(out)
+    for p in remove_stale_temps(out):
+        print(f"removed {p.name}, left by a write that was killed")
     record(out, state, resolved, hydra_cfg, overrides, smoke)
     return entry
 

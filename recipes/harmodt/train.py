@@ -23,8 +23,8 @@ from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, kill_point, make_generator, multi_task_step, next_task, plot_curves,
-                            plot_masks, print_table, restore_run, start_run, training_progress,
+from recipes.common import (Preemption, kill_point, make_generator, metrics_rows, multi_task_step, next_task,
+                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
@@ -328,7 +328,7 @@ def run(cfg: DictConfig) -> dict | None:
     log.close()
     # the trained state first: a run stopped from here on resumes at the final evaluation
     save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
-                    generators=gens, extra=extra_state())
+                    generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
     kill_point("final_eval")
     if envs is None:
         from recipes.metaworld.generate import make_env

@@ -37,6 +37,7 @@ import numpy as np
 
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import write_json
+from recipes.common import kill_point
 from recipes.metaworld.storage import DatasetError, TaskData, demo_dir, is_complete, save_task
 from recipes.metaworld.tasksets import DIFFICULTY, PAPER_ORDER, canonical_task
 
@@ -268,6 +269,7 @@ def generate_task(task: str, spec: GenerationSpec, directory: str | Path, checkp
             episodes.append(run_episode(env, expert, episode_rng(spec.seed, task, i), schedule[i], spec.episode_length))
             if on_episode is not None:
                 on_episode(task)
+            kill_point(f"data:{task}:{i + 1}")  # fault injection: MASKMTL_KILL_AT_STEP=data:<task>:<episodes>
             if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < spec.n_episodes:
                 _save_chunk(partial, spec, saved, episodes[saved:])
                 saved = i + 1

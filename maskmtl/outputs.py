@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,10 +92,12 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
-        if resume_step is not None and not (isinstance(resume_step, int) and not isinstance(resume_step, bool)
-                                            and resume_step >= 0):
-            raise ValueError(f"resume_step={resume_step!r}: expected None (append) or an integer >= 0 "
-                             f"(the checkpoint's step, 0 for a fresh start)")
+        if resume_step is not None:  # any integer type (a numpy one too), not a bool
+            integer = hasattr(type(resume_step), "__index__") and not isinstance(resume_step, bool)
+            if not integer or operator.index(resume_step) < 0:
+                raise ValueError(f"resume_step={resume_step!r}: expected None (append) or an integer >= 0 "
+                                 f"(the checkpoint's step, 0 for a fresh start)")
+            resume_step = operator.index(resume_step)
         if resume_step == 0 and self.path.exists():
             # a fresh start: the lines of an earlier attempt (killed before its first checkpoint) all go,
             # whatever they hold

@@ -461,6 +461,7 @@ METRICS_CASES = [
      ["resume_step=-1", "expected None (append) or an integer >= 0"]),
     ("resume-step-a-string", ROW(1), lambda p: MetricsLog(p, resume_step="3"), ValueError, ["resume_step='3'"]),
     ("resume-step-a-float", ROW(1), lambda p: MetricsLog(p, resume_step=2.0), ValueError, ["resume_step=2.0"]),
+    ("resume-step-a-bool", ROW(1), lambda p: MetricsLog(p, resume_step=True), ValueError, ["resume_step=True"]),
 ]
 
 
@@ -494,6 +495,15 @@ def test_resume_drops_the_truncated_last_line_and_the_lines_after_the_checkpoint
     assert [(r["step"], r["train/loss"]) for r in read_metrics(path)] == [(1, 0.5), (2, 0.5), (3, 0.25)]
 
 
+def test_resume_step_of_any_integer_type(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(ROW(1) + ROW(2) + ROW(3))
+    MetricsLog(path, resume_step=np.int64(2)).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
 def test_fresh_start_drops_a_killed_attempts_lines(tmp_path):
     """A run killed before its first checkpoint left lines (one of them garbage); the rerun starts
     fresh (resume_step=0) and the log holds only its own lines, no duplicates."""
@@ -521,3 +531,20 @@ def test_append_only_log_keeps_every_line(tmp_path):
     log.log(9, {})
     log.close()
     assert path.read_text().endswith(ROW(3) + '{"step": 9}\n')
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    """digits killed at step 7 with no checkpoint written; the same command again starts fresh and
+    its metrics.jsonl equals an uninterrupted run's (no line of the killed attempt left)."""
+    from test_recipes import run
+
+    common = ["recipe=digits", "debug=smoke", "threads=1", "train.checkpoint_every=0", "train.log_every=1"]
+    run(*common, f"hydra.run.dir={tmp_path / 'a'}")
+    killed = run(*common, f"hydra.run.dir={tmp_path / 'b'}", env={"MASKMTL_KILL_AT_STEP": "7"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "b" / "checkpoint.pt").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == list(range(1, 8))
+    run(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    a, b = (strip(read_metrics(tmp_path / x / "metrics.jsonl")) for x in "ab")
+    assert [r["step"] for r in b] == list(range(1, 21)) and a == b

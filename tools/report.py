@@ -17,6 +17,15 @@ runs is marked ``*``. Printed as a rich table; written (never overwriting anythi
 CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band. For
 task-agnostic sweeps (g_harmodt), ``_groups.png`` plots the metric and the gate's accuracy vs the
 number of groups per method.
+
+One broken run does not block a sweep's report: a run folder whose ``results.json`` is not a
+run's results (not JSON, not an object, missing or mistyped keys) or whose ``.hydra/*.yaml`` does
+not parse is left out, and a ``metrics.jsonl`` line that is not a metrics row leaves out that
+run's curve (a partial run, whose log is all it has, is left out); each is a warning naming the
+file (and line) in the notes under the table. A truncated last line of ``metrics.jsonl`` (a job
+still writing) is skipped silently. Errors (one line on stderr, nothing written): status 2 for
+a malformed command line (argparse), 1 for a SWEEP that is missing or holds no usable run,
+``--rows``/``--cols``/``--metric`` naming what the runs do not have, or a report file that exists.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from maskmtl.masks import atomic_write_bytes  # noqa: E402
+from maskmtl.outputs import MetricsError, read_metrics  # noqa: E402
 
 METHOD_KEYS = ("method", "variant", "scorer", "initializer", "scheduler", "grouper")
 NOT_FACTORS = {"seed", "recipe", "debug"}
@@ -41,6 +51,10 @@ NOT_FACTORS = {"seed", "recipe", "debug"}
 
 class ReportError(RuntimeError):
     pass
+
+
+class BrokenRun(ReportError):
+    """One run folder whose files cannot be read: the run is left out of the report, with a note."""
 
 
 @dataclass
@@ -56,10 +70,70 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _load_yaml(path: Path):
+def _load_yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # yaml's parser errors, or OmegaConf's (not a mapping, bad interpolation)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BrokenRun(f"{path} is not readable YAML ({first[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise BrokenRun(f"{path}: expected a YAML mapping, got {type(cfg).__name__}")
+    return cfg
+
+
+def _hydra_factors(path: Path) -> tuple[dict[str, str], str | None]:
+    """Group choices and command-line overrides from ``.hydra/hydra.yaml``: (factors, seed)."""
+    factors: dict[str, str] = {}
+    seed = None
+    try:
+        h = _load_yaml(path)["hydra"]
+        choices, overrides = h["runtime"]["choices"], h["overrides"]["task"]
+        if not isinstance(choices, dict) or not isinstance(overrides, list):
+            raise TypeError
+    except (KeyError, TypeError):
+        raise BrokenRun(f"{path}: expected hydra.runtime.choices (a mapping) and hydra.overrides.task (a list), "
+                        f"as Hydra writes them") from None
+    factors.update({k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None})
+    for override in overrides:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if key == "seed":
+            seed = value
+        elif not key.startswith("hydra"):
+            factors.setdefault(key, value)
+    return factors, seed
+
+
+def _read_results(path: Path) -> dict:
+    """A run's ``results.json``, checked for what the report reads; BrokenRun naming the file."""
+    try:
+        r = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BrokenRun(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        f"expected the results a finished run writes") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise BrokenRun(f"{path} cannot be read ({e})") from None
+    if not isinstance(r, dict):
+        raise BrokenRun(f"{path}: expected a JSON object (a run's results), got {type(r).__name__}")
+    expected = {"seed": "an integer", "tasks": "a list of task names", "mean": "an object metric -> value",
+                "steps": "an integer", "headline": "an object with the headline metric's name"}
+    missing = [k for k in expected if k not in r]
+    if missing:
+        raise BrokenRun(f"{path}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} "
+                        f"(expected {'; '.join(f'{k}: {expected[k]}' for k in missing)})")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    checks = {"seed": is_int(r["seed"]),
+              "tasks": isinstance(r["tasks"], list) and all(isinstance(t, str) for t in r["tasks"]),
+              "mean": isinstance(r["mean"], dict),
+              "steps": is_int(r["steps"]),
+              "headline": isinstance(r["headline"], dict) and isinstance(r["headline"].get("name"), str)}
+    for key, ok in checks.items():
+        if not ok:
+            raise BrokenRun(f"{path}: {key!r} is {json.dumps(r[key])[:80]}, expected {expected[key]}")
+    if not isinstance(r.get("options", {}), dict):
+        raise BrokenRun(f"{path}: 'options' is {json.dumps(r['options'])[:80]}, expected an object group -> choice")
+    return r
 
 
 def _factors(run_dir: Path, results: dict | None) -> tuple[dict[str, str], str, list[str]]:
@@ -68,46 +142,47 @@ def _factors(run_dir: Path, results: dict | None) -> tuple[dict[str, str], str, 
     seed, tasks = None, None
     hydra_yaml, config_yaml = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "config.yaml"
     if hydra_yaml.exists():
-        h = _load_yaml(hydra_yaml)["hydra"]
-        factors.update({k: str(v) for k, v in h["runtime"]["choices"].items()
-                        if not k.startswith("hydra") and v is not None})
-        for override in h["overrides"]["task"]:
-            key, _, value = override.lstrip("+~").partition("=")
-            if key == "seed":
-                seed = value
-            elif not key.startswith("hydra"):
-                factors.setdefault(key, value)
-    if config_yaml.exists():
+        factors, seed = _hydra_factors(hydra_yaml)
+    if results is None and config_yaml.exists():  # a finished run's results.json says its seed and tasks
         cfg = _load_yaml(config_yaml)
-        seed = str(cfg.get("seed", seed))
+        seed = str(cfg["seed"]) if cfg.get("seed") is not None else seed
         tasks = cfg.get("tasks")
+        if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+            raise BrokenRun(f"{config_yaml}: tasks is {tasks!r}, expected a list of task names")
     if results is not None:
         factors.update({k: str(v) for k, v in results.get("options", {}).items()})
         seed, tasks = str(results["seed"]), results["tasks"]
     if seed is None or tasks is None:
-        raise ReportError(f"{run_dir}: neither results.json nor .hydra/config.yaml says its seed and tasks")
+        raise BrokenRun(f"{run_dir}: neither results.json nor .hydra/config.yaml says its seed and tasks")
     factors["tasks"] = "+".join(tasks)
     return {k: v for k, v in factors.items() if k not in NOT_FACTORS}, seed, list(tasks)
 
 
-def _curve(metrics_path: Path, tasks: list[str], metric: str) -> dict[int, float]:
+def _log_rows(metrics_path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (none without one). A truncated last line (a running
+    job's) is skipped; any other bad line is a ``MetricsError`` naming the file and line."""
+    return read_metrics(metrics_path) if metrics_path.exists() else []
+
+
+def _logged_metrics(rows: list[dict]) -> set[str]:
+    """Per-task metric names logged as ``eval/<task>/<name>``."""
+    return {k.split("/", 2)[2] for row in rows for k in row if k.count("/") == 2 and k.startswith("eval/")}
+
+
+def _curve_of(rows: list[dict], tasks: list[str], metric: str) -> dict[int, float]:
     curve = {}
-    if not metrics_path.exists():
-        return curve
-    for line in metrics_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line being written by a running job
-            continue
+    for row in rows:
         # tasks unknown before the run ends (recipes that take them from their data): every task logged
         keys = [f"eval/{t}/{metric}" for t in tasks] or [k for k in row if k.count("/") == 2
                                                        and k.startswith("eval/") and k.endswith(f"/{metric}")]
         vals = [row.get(k) for k in keys]
-        if vals and all(isinstance(v, (int, float)) for v in vals):
+        if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             curve[int(row["step"])] = sum(vals) / len(vals)
     return curve
+
+
+def _curve(metrics_path: Path, tasks: list[str], metric: str) -> dict[int, float]:
+    return _curve_of(_log_rows(metrics_path), tasks, metric)
 
 
 def find_run_dirs(sweep: Path) -> list[Path]:
@@ -127,8 +202,10 @@ def metric_name(sweep_runs: list[tuple[Path, dict | None]], requested: str | Non
         raise ReportError(f"runs have different headline metrics {sorted(names)}: choose one with --metric")
     keys = set()  # only partial runs: metric names logged as eval/<task>/<name>
     for d, _ in sweep_runs:
-        for line in (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").exists() else []:
-            keys |= {k.split("/", 2)[2] for k in json.loads(line) if k.count("/") == 2 and k.startswith("eval/")}
+        try:
+            keys |= _logged_metrics(_log_rows(d / "metrics.jsonl"))
+        except MetricsError:  # noted when the run is read
+            continue
     if len(keys) != 1:
         raise ReportError(f"no finished run names the headline metric and the logs hold {sorted(keys) or 'none'}: "
                           f"choose one with --metric")
@@ -142,21 +219,59 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
     dirs = find_run_dirs(sweep)
     if not dirs:
         raise ReportError(f"{sweep} holds no run folders (no results.json, metrics.jsonl or .hydra/config.yaml)")
-    raw = [(d, json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else None) for d in dirs]
+    raw, warnings = [], []
+    for d in dirs:
+        try:
+            raw.append((d, _read_results(d / "results.json") if (d / "results.json").exists() else None))
+        except BrokenRun as e:
+            warnings.append(f"{e}: left out")
+    if not raw:
+        return [], metric or "", warnings
+    requested = metric
     metric = metric_name(raw, metric)
-    runs, warnings = [], []
+    runs = []
     for d, results in raw:
-        factors, seed, tasks = _factors(d, results)
-        run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve(d / "metrics.jsonl", tasks, metric))
+        try:
+            factors, seed, tasks = _factors(d, results)
+        except BrokenRun as e:
+            warnings.append(f"{e}: left out")
+            continue
+        try:
+            rows = _log_rows(d / "metrics.jsonl")
+        except MetricsError as e:
+            if results is None:
+                warnings.append(f"{e}: {d} left out (a partial run: its log is all it has)")
+                continue
+            warnings.append(f"{e}: {d}'s curve left out (its table value is from results.json)")
+            rows = []
+        run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve_of(rows, tasks, metric))
         if results is not None:
             if metric not in results["mean"]:
-                raise ReportError(f"{d / 'results.json'} has no metric {metric!r} (it has {sorted(results['mean'])})")
-            run.value, run.step = float(results["mean"][metric]), int(results["steps"])
+                if requested:
+                    raise ReportError(f"--metric: {d / 'results.json'} has no metric {metric!r} "
+                                      f"(it has {sorted(results['mean'])})")
+                warnings.append(f"{d / 'results.json'} has no metric {metric!r} (it has {sorted(results['mean'])}): "
+                                f"left out")
+                continue
+            value = results["mean"][metric]
+            if value is None:  # written as null: NaN or inf
+                warnings.append(f"{d / 'results.json'}: mean {metric} is null (NaN or inf: did the run diverge?); "
+                                f"counted as NaN")
+                value = math.nan
+            elif not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                warnings.append(f"{d / 'results.json'}: mean {metric} is {json.dumps(value)[:40]}, expected a "
+                                f"number: left out")
+                continue
+            run.value, run.step = float(value), int(results["steps"])
         elif run.curve:
             run.step = max(run.curve)
             run.value = run.curve[run.step]
         else:
-            warnings.append(f"{d}: no results.json and no evaluation logged yet: left out")
+            logged = _logged_metrics(rows)
+            if requested and logged:
+                raise ReportError(f"--metric: {d / 'metrics.jsonl'} logs no metric {metric!r} "
+                                  f"(it logs {sorted(logged)})")
+            warnings.append(f"{d}: no results.json and no evaluation of {metric} logged yet: left out")
             continue
         runs.append(run)
     return runs, metric, warnings
@@ -282,12 +397,14 @@ def groups_points(runs: list[Run], metric: str) -> dict[str, dict[int, dict[str,
     points: dict[str, dict[int, dict[str, list[float]]]] = {}
     for r in (r for r in runs if r.complete):
         res = json.loads((r.path / "results.json").read_text())
-        if "n_groups" not in res or "gate" not in res:
+        if "n_groups" not in res or "gate" not in res or not isinstance(res["n_groups"], int):
             continue
         at = points.setdefault(str(res.get("method", "?")), {}).setdefault(int(res["n_groups"]), {})
-        at.setdefault(metric, []).append(float(res["mean"][metric]))
+        value = res["mean"][metric]
+        at.setdefault(metric, []).append(math.nan if value is None else float(value))
+        gate = res["gate"] if isinstance(res["gate"], dict) else {}
         for kind in ("heldout", "rollout"):
-            acc = (res["gate"] or {}).get(kind, {}).get("overall")
+            acc = gate.get(kind, {}).get("overall") if isinstance(gate.get(kind), dict) else None
             if acc is not None:
                 at.setdefault(kind, []).append(float(acc))
     return points
@@ -349,37 +466,71 @@ def new_stem(out_dir: Path) -> Path:
     raise ReportError(f"{out_dir}: no free report name for {base}")
 
 
+def factor_list(p: argparse.ArgumentParser, flag: str, value: str | None) -> list[str] | None:
+    """``--rows``/``--cols``: comma-separated factor names, each once (a usage error otherwise)."""
+    if value is None:
+        return None
+    keys = [x.strip() for x in value.split(",")]
+    if not any(keys) or not all(keys):
+        p.error(f"{flag} {value!r}: expected comma-separated factor names, e.g. {flag} scorer,variant")
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        p.error(f"{flag} {value!r}: {', '.join(twice)} given twice")
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="report", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="multirun folder (hydra.sweep.dir)")
     p.add_argument("--rows", help="comma-separated factors forming the rows (method); default: varying method groups")
     p.add_argument("--cols", help="comma-separated factors forming the columns; default: the other varying factors")
     p.add_argument("--metric", help="per-task metric to report (default: the recipe's headline metric)")
     p.add_argument("--out", type=Path, help="folder for the report files (default: SWEEP/reports)")
-    args = p.parse_args(argv)
-    split = lambda s: [x for x in s.split(",") if x] if s is not None else None  # noqa: E731
+    try:  # usage errors: argparse's message, status 2
+        args = p.parse_args(argv)
+        rows_given, cols_given = factor_list(p, "--rows", args.rows), factor_list(p, "--cols", args.cols)
+        both = sorted(set(rows_given or []) & set(cols_given or []))
+        if both:
+            p.error(f"--rows and --cols both name {', '.join(both)}: a factor is either rows or columns")
+        if args.metric is not None and (not args.metric.strip() or "/" in args.metric):
+            p.error(f"--metric {args.metric!r}: expected a per-task metric name, e.g. --metric accuracy")
+    except SystemExit as e:
+        return int(e.code or 0)
+    warnings: list[str] = []
+    shown = False  # the notes (warnings among them) printed under the table
     try:
         runs, metric, warnings = load_runs(args.sweep, args.metric)
         if not runs:
-            raise ReportError(f"{args.sweep}: no run has a result or an evaluation yet")
-        rows, cols = default_keys(runs, split(args.rows), split(args.cols))
+            raise ReportError(f"{args.sweep}: no run has a result or an evaluation yet"
+                              + (f" ({len(warnings)} run folder{'s' * (len(warnings) > 1)} left out, see above)"
+                                 if warnings else ""))
+        rows, cols = default_keys(runs, rows_given, cols_given)
+        out_dir = args.out or args.sweep / "reports"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ReportError(f"--out {out_dir} is a file, expected a folder for the report files")
         cells = aggregate(runs, rows, cols)
         n_partial = sum(not r.complete for r in runs)
         title = f"{metric}: mean ± std over seeds (n runs) — {args.sweep}"
         notes = [f"{len(runs)} runs, {n_partial} partial (* = cell includes runs without results.json: last evaluation "
-                 f"in metrics.jsonl)", *warnings]
+                 f"in metrics.jsonl)", *(f"warning: {w}" for w in warnings)]
         notes += [f"partial: {r.path} at step {r.step}" for r in runs if not r.complete]
         print_rich(cells, title, notes)
-        out_dir = args.out or args.sweep / "reports"
+        shown = True
+        markdown_bytes = markdown(cells, title, notes).encode()
+        csv_bytes = csv_text(cells, rows, cols, metric).encode()
+        png_bytes = curves_png(cells, metric)
+        groups = groups_png(runs, metric)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = new_stem(out_dir)
-        write_new(stem.with_suffix(".md"), markdown(cells, title, notes).encode())
-        write_new(stem.with_suffix(".csv"), csv_text(cells, rows, cols, metric).encode())
-        write_new(stem.with_suffix(".png"), curves_png(cells, metric))
-        groups = groups_png(runs, metric)
+        write_new(stem.with_suffix(".md"), markdown_bytes)
+        write_new(stem.with_suffix(".csv"), csv_bytes)
+        write_new(stem.with_suffix(".png"), png_bytes)
         if groups is not None:
             write_new(stem.with_name(stem.name + "_groups.png"), groups)
-    except (ReportError, FileExistsError) as e:
+    except (ReportError, OSError) as e:  # OSError: FileExistsError (never overwritten), an unwritable --out
+        for w in warnings if not shown else []:
+            print(f"report: warning: {w}", file=sys.stderr)
         print(f"report: error: {e}", file=sys.stderr)
         return 1
     print(f"report: {stem}.md, {stem}.csv, {stem}.png" + (f", {stem}_groups.png" if groups is not None else ""))

@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict | None:
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
                                      device=device)
     wall_before = extra.get("wall_time_s", 0.0)
-    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+    log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
 
     def to_dev(batch):
         return tuple(t.to(device) for t in batch)

@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> dict | None:
     if extra.get("gate") is not None:
         gate = make_gate()
         gate.load_state_dict(extra["gate"])
-    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+    log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
     envs = None  # built at the first evaluation, reused after
 
     def make_envs():

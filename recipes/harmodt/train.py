@@ -263,7 +263,7 @@ def run(cfg: DictConfig) -> dict | None:
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
                                      numpy_rngs=rngs, device=device)
     wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
-    log = MetricsLog(out / METRICS, resume_step=start if ckpt is not None else None)
+    log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
     envs = None  # built at the first evaluation, reused after
 
     batch_for, score_batches = segment_batches(sampler, cfg.train.batch_size, cfg.masking.grad_batches,

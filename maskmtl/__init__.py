@@ -9,11 +9,11 @@ from .export import ExportError, export_pruned, load_export, save_export
 from .gradients import GroupGradients, estimate_gradients, harmony
 from .groupers import KNNGrouper, NoneGrouper
 from .initializers import DenseInitializer, ERKInitializer, RandomInitializer
-from .interfaces import Grouper, Initializer, Scheduler, Scorer
+from .interfaces import Grouper, Initializer, Scheduler, Scorer, StepAwareScorer, TermScorer
 from .masks import (MaskError, MaskIndexError, MaskSet, MaskTargetError, load_masks, read_masks_file,
                     remove_stale_temps, save_masks)
 from .schedulers import ConstantScheduler, CosineScheduler
-from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer
+from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer, RandomScorer
 from .structures import AttentionHeads, StructureError, StructureMap, build_structures
 from .targets import Target, TargetError, select_targets
 from .update import MaskUpdateError, MaskUpdater, check_schedule, group_tasks, masks_from_scores, swap
@@ -23,7 +23,8 @@ __all__ = [
     "export_pruned", "load_export", "save_export", "ConstantScheduler", "CosineScheduler", "DenseInitializer", "ERKInitializer",
     "FisherScorer", "GroupGradients", "Grouper", "Initializer", "KNNGrouper", "MagnitudeScorer",
     "MaskError", "MaskIndexError", "MaskSet", "MaskTargetError", "MaskUpdateError", "MaskUpdater", "MaskedAdamW", "MaskedModel",
-    "NoneGrouper", "RandomInitializer", "Scheduler", "Scorer", "Target", "TargetError",
+    "NoneGrouper", "RandomInitializer", "RandomScorer", "Scheduler", "Scorer", "StepAwareScorer", "Target",
+    "TargetError", "TermScorer",
     "check_schedule", "estimate_gradients", "group_tasks", "harmony", "load_checkpoint", "load_masks",
     "masks_from_scores", "read_masks_file", "remove_stale_temps", "save_checkpoint", "save_masks", "select_targets", "swap",
 ]

@@ -53,6 +53,34 @@ class Scorer(Protocol):
         ...
 
 
+# Optional scorer hooks. ``MaskUpdater`` uses each when the scorer has it; a scorer with only the
+# two methods above works as before. Not part of ``Scorer`` itself, so ``isinstance(x, Scorer)``
+# still holds for scorers written before these existed.
+@runtime_checkable
+class StepAwareScorer(Protocol):
+    """A scorer whose scores depend on the step (``RandomScorer`` seeds its draws from it)."""
+
+    def begin_update(self, step: int) -> None:
+        """Called by ``MaskUpdater.update`` with the step, before ``drop_scores``/``grow_scores``."""
+        ...
+
+
+@runtime_checkable
+class TermScorer(Protocol):
+    """A scorer whose H is the sum of an agreement term and an importance term."""
+
+    def drop_terms(
+        self,
+        grads: "GroupGradients",
+        params: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(agreement term, importance term) as they are added into H, each name -> ``[G, *P]``;
+        the second is ``None`` when there is no importance term. ``MaskUpdater`` logs the share of
+        active entries where the agreement term is the larger in magnitude (which term decides)."""
+        ...
+
+
 @runtime_checkable
 class Scheduler(Protocol):
     """How many entries each group swaps at a given step: a pure function of ``step``."""

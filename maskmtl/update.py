@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony, unused_by_group
-from .interfaces import Scheduler, Scorer
+from .interfaces import Scheduler, Scorer, StepAwareScorer
 from .masks import MaskSet
 from .structures import StructureMap
 
@@ -248,6 +248,8 @@ class MaskUpdater:
         t_grad = time.perf_counter() - t0
         params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
         before = masks.as_dict()
+        if isinstance(self.scorer, StepAwareScorer):
+            self.scorer.begin_update(step)
         drop, grow = self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads)
         unused = unused_entries(grads.group_unused(), before)
         if self.structures is None:

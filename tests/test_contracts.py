@@ -9,14 +9,16 @@ import torch
 
 from maskmtl import (AgreementScorer, ConstantScheduler, CosineScheduler, DenseInitializer, ERKInitializer,
                      FisherScorer, KNNGrouper, MagnitudeScorer, MaskedAdamW, MaskedModel, MaskSet, MaskUpdater,
-                     NoneGrouper, RandomInitializer, estimate_gradients, load_masks, read_masks_file, save_masks,
-                     select_targets)
+                     NoneGrouper, RandomInitializer, RandomScorer, estimate_gradients, load_masks, read_masks_file,
+                     save_masks, select_targets)
 from maskmtl.interfaces import Grouper, Initializer, Scheduler, Scorer
 from toys import INCLUDE, TOYS, loss_fn, make
 
 INITIALIZERS = {"dense": DenseInitializer(), "random": RandomInitializer(0.6), "erk": ERKInitializer(0.6)}
 SCORERS = {"agreement": AgreementScorer(), "magnitude": MagnitudeScorer(), "fisher": FisherScorer(),
-           "fisher_published": FisherScorer(weighting="published", log_loss=False)}
+           "fisher_published": FisherScorer(weighting="published", log_loss=False),
+           "magnitude_rank": MagnitudeScorer(lam=1.0, weighting="rank"), "fisher_rank": FisherScorer(lam=1.0, weighting="rank"),
+           "random": RandomScorer(seed=0)}
 TASKS = ["a", "b", "c"]
 
 
@@ -233,3 +235,82 @@ def test_mask_state_dict_survives_regrouping():
     fresh.load_state_dict(masks.state_dict())
     assert fresh.task_to_group == [0, 1, 1] and fresh.n_groups == 2
     assert all(torch.equal(fresh[n], masks[n]) for n in masks.names)
+
+
+# ---- the random control -----------------------------------------------------------------------
+def _updated(kind, scorer, steps, masks=None):
+    model, fresh = setup(kind, n_groups=2)
+    masks = fresh if masks is None else masks
+    upd = MaskUpdater(scorer, ConstantScheduler(3), every=1)
+    for step in steps:
+        upd.update(step, model, masks, loss_fn, batches_for(type(model)))
+    return masks
+
+
+def test_random_scorer_is_seeded_by_seed_step_and_group_only():
+    a, b = _updated("mlp", RandomScorer(seed=4), [5, 10, 15]), _updated("mlp", RandomScorer(seed=4), [5, 10, 15])
+    assert all(torch.equal(a[n], b[n]) for n in a.names)
+    # kill and resume: a new scorer (no state carried over) continuing from the masks at step 10
+    resumed = _updated("mlp", RandomScorer(seed=4), [15], masks=_updated("mlp", RandomScorer(seed=4), [5, 10]))
+    assert all(torch.equal(a[n], resumed[n]) for n in a.names)
+    other_seed, other_steps = _updated("mlp", RandomScorer(seed=5), [5, 10, 15]), _updated("mlp", RandomScorer(seed=4), [6, 10, 15])
+    assert any(not torch.equal(a[n], other_seed[n]) for n in a.names)
+    assert any(not torch.equal(a[n], other_steps[n]) for n in a.names)
+    s = RandomScorer(seed=4)
+    s.begin_update(7)
+    like = {"w": torch.zeros(3, 50)}
+    d, g = s._scores(like, s.DROP)["w"], s._scores(like, s.GROW)["w"]
+    assert not torch.equal(d, g) and not torch.equal(d[0], d[1])  # drop vs recovery, and groups, are independent
+    assert sorted(d[0].tolist()) == [float(k) for k in range(1, 51)]  # a permutation of 1..|θ|: no ties, no zero
+
+
+def test_random_scorer_ignores_gradients_for_dropping_and_recovering():
+    model, masks = setup("mlp", n_groups=2)
+    grads = estimate_gradients(model, masks, loss_fn, batches_for(type(model)))
+    params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+    s = RandomScorer(seed=1)
+    s.begin_update(3)
+    d1, g1 = s.drop_scores(grads, params, masks.as_dict()), s.grow_scores(grads)
+    for t in list(grads.masked.values()) + list(grads.dense.values()):
+        t.mul_(-7.0).add_(1.0)
+    d2, g2 = s.drop_scores(grads, {n: p * 3 for n, p in params.items()}, masks.as_dict()), s.grow_scores(grads)
+    assert all(torch.equal(d1[n], d2[n]) and torch.equal(g1[n], g2[n]) for n in masks.names)
+
+
+def test_random_swaps_are_uniform_over_active_and_inactive_entries():
+    """One group, 6 active and 4 inactive entries, α = 2, 3000 updates from the same masks: each
+    active entry is dropped 2/6 and each inactive one recovered 2/4 of the times (within 10 %)."""
+    from maskmtl import swap
+
+    mask = {"w": torch.tensor([[1, 1, 1, 0, 1, 0, 1, 0, 1, 0]], dtype=torch.bool)}
+    s = RandomScorer(seed=0)
+    grads = type("G", (), {"dense": {"w": torch.zeros(1, 10)}})()
+    drops, recs = torch.zeros(10), torch.zeros(10)
+    for step in range(3000):
+        s.begin_update(step)
+        res = swap(mask, s.drop_scores(grads, {}, mask), s.grow_scores(grads), 2)
+        drops += res.dropped["w"][0].float()
+        recs += res.recovered["w"][0].float()
+    act = mask["w"][0]
+    assert (drops[~act] == 0).all() and (recs[act] == 0).all()
+    assert ((drops[act] - 1000).abs() < 100).all(), drops
+    assert ((recs[~act] - 1500).abs() < 150).all(), recs
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_random_scorer_refuses_a_bad_seed(bad):
+    with pytest.raises(ValueError, match="scorer.seed"):
+        RandomScorer(seed=bad)
+
+
+def test_random_scorer_config_errors_name_the_key():
+    from omegaconf import OmegaConf
+
+    from maskmtl.config import ConfigError, build
+
+    node = OmegaConf.create({"_target_": "maskmtl.scorers.RandomScorer", "seed": -3})
+    with pytest.raises(ConfigError, match=r"scorer .*scorer.seed must be an integer >= 0, got -3"):
+        build(node, "scorer")
+    node = OmegaConf.create({"_target_": "maskmtl.scorers.RandomScorer", "weighting": "mine"})
+    with pytest.raises(ConfigError, match="scorer.weighting"):
+        build(node, "scorer")

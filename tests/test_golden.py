@@ -167,3 +167,56 @@ def test_voting_mask_counts_and_fractions():
     assert ms.voting_mask(2)["w"].tolist() == [True, False, True, False]  # strictly more than 2 votes
     assert ms.voting_mask(0.5)["w"].tolist() == [True, False, True, False]  # > 0.5 · 4 tasks
     assert ms.voting_mask(0)["w"].tolist() == [True, True, True, False]
+
+
+# ---- weighting="rank" (maskmtl's variant): H = q(A) + λ·q(I), q = percentile rank among active entries
+#   one task = one group, so ĝ = ḡ and A = ḡ² ;  ḡ = [1, 1, -1, 2, 0], mask [1, 1, 1, 1, 0]
+#   θ = [0.1, 3, 2, 0.5, 5] -> I_M = |θ ⊙ M| = [0.1, 3, 2, 0.5, 0]
+#   A on the 4 active entries = [1, 1, 1, 4]: the three 1s share ranks 1..3 (mean 2), 4 has rank 4
+#     q(A) = (rank − 1)/(4 − 1) = [1/3, 1/3, 1/3, 1]
+#   I on the active entries = [0.1, 3, 2, 0.5]: ranks [1, 4, 3, 2] -> q(I) = [0, 1, 2/3, 1/3]
+#   λ = 1: H = [1/3, 4/3, 1, 4/3], inactive entry 0
+#   paper, λ = 10: H = A + 10 I = [2, 31, 21, 9]  (magnitude decides: entry 3, A = 4, is dropped 2nd)
+RANK_MASKS = {"w": torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)}
+RANK_PARAMS = {"w": torch.tensor([0.1, 3.0, 2.0, 0.5, 5.0])}
+
+
+def rank_grads() -> GroupGradients:
+    g = torch.tensor([[1.0, 1.0, -1.0, 2.0, 0.0]])
+    return _group_sums({"w": g}, {"w": g.clone()}, torch.tensor([1.0], dtype=torch.float64), [0])
+
+
+def test_rank_weighting_golden():
+    h = MagnitudeScorer(lam=1, weighting="rank").drop_scores(rank_grads(), RANK_PARAMS, RANK_MASKS)["w"]
+    torch.testing.assert_close(h, torch.tensor([[1 / 3, 4 / 3, 1.0, 4 / 3, 0.0]], dtype=torch.float64))
+    a, i = MagnitudeScorer(lam=2, weighting="rank").drop_terms(rank_grads(), RANK_PARAMS, RANK_MASKS)
+    torch.testing.assert_close(a["w"], torch.tensor([[1 / 3, 1 / 3, 1 / 3, 1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(i["w"], torch.tensor([[0.0, 2.0, 4 / 3, 2 / 3, 0.0]], dtype=torch.float64))
+    paper = MagnitudeScorer(lam=10).drop_scores(rank_grads(), RANK_PARAMS, RANK_MASKS)["w"]
+    torch.testing.assert_close(paper, torch.tensor([[2.0, 31.0, 21.0, 9.0, 0.0]]))
+    # α = 2: the paper drops the two smallest magnitudes {0, 3}; rank keeps entry 3 (highest agreement)
+    grow = AgreementScorer().grow_scores(rank_grads())
+    grow["w"][0, 4] = 1.0  # one inactive entry; its recovery is the same either way
+    with pytest.raises(MaskUpdateError):  # only one inactive entry: α = 2 cannot be recovered
+        swap(RANK_MASKS, {"w": h}, grow, alpha=2)
+    wide = {"w": torch.cat([RANK_MASKS["w"], torch.zeros(1, 1, dtype=torch.bool)], 1)}
+    pad = lambda t: torch.cat([t, torch.zeros(1, 1, dtype=t.dtype)], 1)  # noqa: E731
+    got_rank = swap(wide, {"w": pad(h)}, {"w": pad(grow["w"])}, alpha=2).dropped["w"][0].nonzero().flatten().tolist()
+    got_paper = swap(wide, {"w": pad(paper)}, {"w": pad(grow["w"])}, alpha=2).dropped["w"][0].nonzero().flatten().tolist()
+    assert got_paper == [0, 3] and got_rank == [0, 2]
+
+
+def test_rank_weighting_over_groups_and_targets():
+    # golden_grads, magnitude, λ = 2. Group 0 (all active): q(A) of [1.5, 1, 0.125] = [1, 0.5, 0],
+    # q(I) of [0.5, 1, 2] = [0, 0.5, 1] -> H = [1, 1.5, 2]. Group 1 (entries 0, 1 active):
+    # q(A) of [3, -0.5] = [1, 0], q(I) of [0.5, 1] = [0, 1] -> H = [1, 2, 0].
+    h = MagnitudeScorer(lam=2, weighting="rank").drop_scores(golden_grads(), PARAMS, MASKS)["w"]
+    torch.testing.assert_close(h, torch.tensor([[1.0, 1.5, 2.0], [1.0, 2.0, 0.0]], dtype=torch.float64))
+    # ranking is over all targets of a group together: splitting "w" into two targets changes nothing
+    from maskmtl.scorers import percentile_ranks
+
+    vals = {"a": torch.tensor([[1.5, 1.0]]), "b": torch.tensor([[0.125]])}
+    q = percentile_ranks(vals, {"a": torch.ones(1, 2, dtype=torch.bool), "b": torch.ones(1, 1, dtype=torch.bool)})
+    assert q["a"].tolist() == [[1.0, 0.5]] and q["b"].tolist() == [[0.0]]
+    one = percentile_ranks({"w": torch.tensor([[7.0, 3.0]])}, {"w": torch.tensor([[False, True]])})
+    assert one["w"].tolist() == [[0.0, 0.5]]  # a single active entry: 0.5; inactive: 0

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskmtl import MaskedAdamW, MaskSet, swap
+from maskmtl import MaskedAdamW, MaskSet, RandomScorer, swap
 
 
 @settings(max_examples=2000, deadline=None)
@@ -97,3 +97,33 @@ def test_random_structured_swaps_keep_invariants_per_structure(seed, groups, n_s
     assert torch.equal(new, (on & ~dropped) | recov)
     for k, t in ids.items():
         assert not res.dropped[k][:, t < 0].any() and res.masks[k][:, t < 0].all()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), step=st.integers(0, 10**7), groups=st.integers(1, 4), n_a=st.integers(2, 30),
+       n_b=st.integers(1, 12), frac=st.floats(0.05, 0.95))
+def test_random_scorer_swaps_keep_invariants(seed, step, groups, n_a, n_b, frac):
+    """scorer=random: exact density per group, drop ⊆ active, recover ⊆ inactive (so an entry
+    dropped now is not recovered now), exactly α each way, and the same draw for the same step."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {"a": torch.rand(groups, n_a, generator=g) < frac, "b": torch.rand(groups, n_b, 2, generator=g) < frac}
+    flat = torch.cat([masks["a"].reshape(groups, -1), masks["b"].reshape(groups, -1)], 1)
+    active = flat.sum(1)
+    limit = int(torch.minimum(active, flat.shape[1] - active).min())
+    alpha = int(torch.randint(0, limit + 1, (1,), generator=g)) if limit > 0 else 0
+    scorer = RandomScorer(seed=seed % 1000)
+    scorer.begin_update(step)
+    grads = type("G", (), {"dense": {k: torch.zeros(v.shape) for k, v in masks.items()}})()
+    drop, grow = scorer.drop_scores(grads, {}, masks), scorer.grow_scores(grads)
+    res = swap(masks, drop, grow, alpha)
+    new = torch.cat([res.masks["a"].reshape(groups, -1), res.masks["b"].reshape(groups, -1)], 1)
+    dropped = torch.cat([res.dropped["a"].reshape(groups, -1), res.dropped["b"].reshape(groups, -1)], 1)
+    recov = torch.cat([res.recovered["a"].reshape(groups, -1), res.recovered["b"].reshape(groups, -1)], 1)
+    assert torch.equal(new.sum(1), active)
+    assert not (dropped & ~flat).any() and not (recov & flat).any() and not (dropped & recov).any()
+    assert (dropped.sum(1) == alpha).all() and (recov.sum(1) == alpha).all()
+    assert torch.equal(new, (flat & ~dropped) | recov)
+    again = RandomScorer(seed=seed % 1000)
+    again.begin_update(step)
+    res2 = swap(masks, again.drop_scores(grads, {}, masks), again.grow_scores(grads), alpha)
+    assert all(torch.equal(res.masks[k], res2.masks[k]) for k in masks)

@@ -16,7 +16,8 @@ from .schedulers import ConstantScheduler, CosineScheduler
 from .scorers import AgreementScorer, FisherScorer, MagnitudeScorer, RandomScorer
 from .structures import AttentionHeads, StructureError, StructureMap, build_structures
 from .targets import Target, TargetError, select_targets
-from .update import MaskUpdateError, MaskUpdater, check_schedule, group_tasks, masks_from_scores, swap
+from .update import (MaskUpdateError, MaskUpdater, check_schedule, group_tasks, masks_from_scores, swap,
+                     swap_diagnostics)
 
 __all__ = [
     "AgreementScorer", "AttentionHeads", "ExportError", "StructureError", "StructureMap", "build_structures",
@@ -27,5 +28,6 @@ __all__ = [
     "TargetError", "TermScorer",
     "check_schedule", "estimate_gradients", "group_tasks", "harmony", "load_checkpoint", "load_masks",
     "masks_from_scores", "read_masks_file", "remove_stale_temps", "save_checkpoint", "save_masks", "select_targets", "swap",
+    "swap_diagnostics",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony, unused_by_group
-from .interfaces import Scheduler, Scorer, StepAwareScorer
+from .interfaces import Scheduler, Scorer, StepAwareScorer, TermScorer
 from .masks import MaskSet
 from .structures import StructureMap
 
@@ -202,6 +202,92 @@ def unused_entries(per_group: Mapping[str, torch.Tensor] | None,
     return out
 
 
+def _group_rows(d: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """name -> ``[G, *P]`` to one ``[G, |θ|]`` tensor (targets in ``names`` order)."""
+    return torch.cat([d[n].reshape(d[n].shape[0], -1) for n in names], dim=1)
+
+
+def _jaccard_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jaccard index of bool rows ``a[k]`` and ``b[k]`` (``[K, D]`` each): ``[K]`` float64, NaN
+    where both rows are empty. Only the columns set in either are compared (drop sets are small)."""
+    cols = (a | b).any(dim=0).nonzero().reshape(-1)
+    a, b = a[:, cols], b[:, cols]
+    inter, union = (a & b).sum(dim=1).double(), (a | b).sum(dim=1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    """Mean of the non-NaN values, ``None`` when there are none."""
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else None
+
+
+def swap_diagnostics(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
+                     dropped: Mapping[str, torch.Tensor], recovered: Mapping[str, torch.Tensor],
+                     drop_scores: Mapping[str, torch.Tensor], grow_scores: Mapping[str, torch.Tensor],
+                     masked_grads: Mapping[str, torch.Tensor], dense_grads: Mapping[str, torch.Tensor],
+                     terms: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None] | None = None,
+                     initial: Mapping[str, torch.Tensor] | None = None,
+                     last_dropped: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """What one mask update did, from tensors it already has (no gradient is recomputed). Every
+    input is name -> ``[G, *P]``; each value is computed per group, then averaged over groups
+    (groups where it is undefined, e.g. a share of zero drops, are left out of the mean; a key
+    with no group defined is left out).
+
+    * ``mask/changed``: entries newly active (recovered) per group; ``mask/changed_share``: that
+      over the group's active entries. The swap turns off as many, so 2× that many entries differ.
+    * ``mask/drop_zero_score_share`` / ``mask/recover_zero_score_share``: share of dropped
+      (recovered) entries whose drop (recovery) score is exactly 0: chosen among ties.
+    * ``mask/drop_zero_grad_share``: share of dropped entries whose masked gradient Σḡ is exactly
+      0 (no agreement signal); ``mask/recover_zero_grad_share``: share of recovered entries whose
+      recovery gradient Σg is exactly 0.
+    * ``mask/agreement_dominates_share`` (``terms`` given, with an importance term): share of
+      active entries where the agreement term of H is larger in magnitude than the importance
+      term (paper weighting: |A| > λ·I), i.e. where agreement rather than importance decides.
+    * ``mask/drop_jaccard_groups`` (2+ groups): Jaccard overlap of the drop sets of two groups,
+      mean over pairs of groups (one group per task: pairs of tasks).
+    * ``mask/changed_since_init`` / ``mask/changed_since_init_share`` (``initial`` given): entries
+      active now and not in ``initial`` (equally many of ``initial`` are off now), per group, and
+      that over the group's active entries.
+    * ``mask/drop_jaccard_consecutive`` (``last_dropped`` given): Jaccard overlap of a group's drop
+      set with its drop set at the previous update.
+    """
+    names = list(before)
+    b, a = _group_rows(before, names), _group_rows(after, names)
+    d, r = _group_rows(dropped, names), _group_rows(recovered, names)
+    n_active = b.sum(dim=1).double()
+    n_drop, n_rec = d.sum(dim=1).double(), r.sum(dim=1).double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+
+    def share(hit: torch.Tensor, sel: torch.Tensor, count: torch.Tensor) -> float | None:
+        num = (hit & sel).sum(dim=1).double()
+        return _mean(torch.where(count > 0, num / count.clamp_min(1), nan))
+
+    out: dict[str, float | None] = {
+        "mask/changed": float(n_rec.mean()),
+        "mask/changed_share": _mean(torch.where(n_active > 0, n_rec / n_active.clamp_min(1), nan)),
+        "mask/drop_zero_score_share": share(_group_rows(drop_scores, names).to(d.device) == 0, d, n_drop),
+        "mask/recover_zero_score_share": share(_group_rows(grow_scores, names).to(r.device) == 0, r, n_rec),
+        "mask/drop_zero_grad_share": share(_group_rows(masked_grads, names).to(d.device) == 0, d, n_drop),
+        "mask/recover_zero_grad_share": share(_group_rows(dense_grads, names).to(r.device) == 0, r, n_rec),
+    }
+    if terms is not None and terms[1] is not None:
+        ta, ti = (_group_rows(t, names).to(b.device) for t in terms)
+        out["mask/agreement_dominates_share"] = share(ta.abs() > ti.abs(), b, n_active)
+    n_groups = b.shape[0]
+    if n_groups > 1:
+        i, j = torch.triu_indices(n_groups, n_groups, offset=1)
+        out["mask/drop_jaccard_groups"] = _mean(_jaccard_rows(d[i.to(d.device)], d[j.to(d.device)]))
+    if initial is not None:
+        new_on = (a & ~_group_rows(initial, names).to(a.device)).sum(dim=1).double()
+        n_after = a.sum(dim=1).double()
+        out["mask/changed_since_init"] = float(new_on.mean())
+        out["mask/changed_since_init_share"] = _mean(torch.where(n_after > 0, new_on / n_after.clamp_min(1), nan))
+    if last_dropped is not None:
+        out["mask/drop_jaccard_consecutive"] = _mean(_jaccard_rows(d, _group_rows(last_dropped, names).to(d.device)))
+    return {k: v for k, v in out.items() if v is not None}
+
+
 @dataclass
 class MaskUpdater:
     """Runs one mask update: estimate gradients, score, swap, fix optimizer state.
@@ -218,6 +304,16 @@ class MaskUpdater:
             no group used before the update; ``"keep"`` leaves them.
         structures: a ``StructureMap`` makes the swap structured (scores aggregated per
             structure, α_t converted to structures); ``None`` swaps entries.
+        diagnostics: add ``swap_diagnostics``' metrics (what the update changed, ties, which
+            score term decides, drop-set overlaps) to what ``update`` returns. They reuse the
+            update's gradients and scores: no extra backward pass.
+
+    Diagnostics that compare with earlier updates (changes since the initial masks, overlap with
+    the previous update's drop sets) need state that a resumed run must get back, so they are
+    opt-in: ``track(masks)`` takes the current masks as the initial ones and from then on
+    ``update`` also returns ``mask/changed_since_init*`` and (from the second update on)
+    ``mask/drop_jaccard_consecutive``. A caller that tracks must checkpoint ``state_dict()`` and
+    restore it with ``load_state_dict``; an updater that does not track keeps no state at all.
     """
 
     scorer: Scorer
@@ -226,6 +322,7 @@ class MaskUpdater:
     recovery_gradient: str = "dense"
     recovered_state: str = "reset_dormant"
     structures: StructureMap | None = None
+    diagnostics: bool = True
 
     def __post_init__(self):
         if self.every < 0:
@@ -234,6 +331,55 @@ class MaskUpdater:
             raise ValueError(f"masking.recovery_gradient must be one of {RECOVERY_GRADIENTS}, got {self.recovery_gradient!r}")
         if self.recovered_state not in RECOVERED_STATE:
             raise ValueError(f"masking.recovered_state must be one of {RECOVERED_STATE}, got {self.recovered_state!r}")
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"diagnostics must be a bool, got {self.diagnostics!r}")
+        self._initial: dict[str, torch.Tensor] | None = None
+        self._last_dropped: dict[str, torch.Tensor] | None = None
+
+    # ---- opt-in tracking across updates ---------------------------------------------------
+    @property
+    def tracking(self) -> bool:
+        return self._initial is not None
+
+    def track(self, masks: MaskSet | Mapping[str, torch.Tensor]) -> None:
+        """Take a copy of ``masks`` (a ``MaskSet`` or name -> ``[G, *P]``) as the initial masks
+        for ``mask/changed_since_init*``, and forget any previous drop sets. Call it when the
+        masks are initialised (G-HarmoDT: again after grouping, which replaces them)."""
+        d = masks.as_dict() if isinstance(masks, MaskSet) else dict(masks)
+        if not d or any(m.dtype != torch.bool for m in d.values()):
+            raise MaskUpdateError("track: expected bool masks name -> [G, *P]")
+        self._initial = {n: m.detach().clone() for n, m in d.items()}
+        self._last_dropped = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the tracked diagnostics (bool tensors on the CPU;
+        loadable with ``torch.load(weights_only=True)``). Empty when not tracking."""
+        cpu = lambda d: None if d is None else {n: t.cpu() for n, t in d.items()}  # noqa: E731
+        return {} if self._initial is None else {"initial": cpu(self._initial), "last_dropped": cpu(self._last_dropped)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s output (an empty dict: not tracking)."""
+        if not state:
+            self._initial = self._last_dropped = None
+            return
+        if "initial" not in state or not isinstance(state["initial"], Mapping):
+            raise MaskUpdateError(f"updater state must hold 'initial' masks, got keys {sorted(state)}")
+        self._initial = {n: t.clone() for n, t in state["initial"].items()}
+        last = state.get("last_dropped")
+        self._last_dropped = None if last is None else {n: t.clone() for n, t in last.items()}
+
+    def _tracked(self, before: Mapping[str, torch.Tensor]) -> tuple[dict | None, dict | None]:
+        if self._initial is None:
+            return None, None
+        for ref, what in ((self._initial, "initial masks"), (self._last_dropped, "previous drop sets")):
+            if ref is None:
+                continue
+            if set(ref) != set(before) or any(tuple(ref[n].shape) != tuple(before[n].shape) for n in before):
+                raise MaskUpdateError(
+                    f"the tracked {what} do not fit the masks (targets or group count differ: "
+                    f"regrouped?); call track(masks) again after the masks are replaced")
+        dev = lambda d: None if d is None else {n: t.to(before[n].device) for n, t in d.items()}  # noqa: E731
+        return dev(self._initial), dev(self._last_dropped)
 
     def due(self, step: int) -> bool:
         """Whether an update runs after optimizer step ``step`` (1-based): every t_m steps."""
@@ -247,7 +393,7 @@ class MaskUpdater:
         grads = estimate_gradients(model, masks, loss_fn, batches, recovery=self.recovery_gradient, progress=progress)
         t_grad = time.perf_counter() - t0
         params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
-        before = masks.as_dict()
+        before = masks.as_dict()  # views: read before set_masks below
         if isinstance(self.scorer, StepAwareScorer):
             self.scorer.begin_update(step)
         drop, grow = self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads)
@@ -258,21 +404,35 @@ class MaskUpdater:
             result = self.structures.swap(before, drop, grow, self.structures.alpha(alpha), unused=unused)
         h = harmony(grads, before)
         revived = {n: result.masks[n].any(dim=0) & ~before[n].any(dim=0) for n in masks.names}
+        diag, t_diag = None, 0.0
+        if self.diagnostics:  # from the masks before the update: ``before`` are views of them
+            t1 = time.perf_counter()
+            initial, last = self._tracked(before)
+            terms = self.scorer.drop_terms(grads, params, before) if isinstance(self.scorer, TermScorer) else None
+            diag = swap_diagnostics(before, result.masks, result.dropped, result.recovered, drop, grow,
+                                    grads.masked, grads.dense, terms=terms, initial=initial, last_dropped=last)
+            if self.tracking:
+                self._last_dropped = {n: t.detach().clone() for n, t in result.dropped.items()}
+            t_diag = time.perf_counter() - t1
         masks.set_masks(result.masks)
         n_reset = 0
         if optimizer is not None and self.recovered_state == "reset_dormant":
             n_reset = optimizer.reset_entries(revived)
         dens = masks.density()
-        return {
+        out = {
             "mask/alpha": float(alpha),
             "mask/harmony": h,
             "mask/density_mean": float(dens.mean()),
             "mask/swapped": float(2 * result.alpha * masks.n_groups),  # entries, or structures if structured
             "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
             "mask/optimizer_entries_reset": float(n_reset),
-            "time/mask_update_s": time.perf_counter() - t0,
-            "time/mask_gradients_s": t_grad,
         }
+        if diag is not None:
+            out.update(diag)
+            out["time/mask_diagnostics_s"] = t_diag
+        out["time/mask_update_s"] = time.perf_counter() - t0
+        out["time/mask_gradients_s"] = t_grad
+        return out
 
 
 def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, loss_fn: LossFn,

@@ -3,6 +3,7 @@
 
     python tools/report.py multirun/digits/2026-01-01_12-00-00
     python tools/report.py SWEEP --rows scorer --cols variant --metric accuracy
+    python tools/report.py SWEEP --rows method --baseline method=harmodt_r --ci bootstrap
 
 Each run folder (one per job, found anywhere under SWEEP) is read from ``results.json`` when the
 run finished, else from the last evaluation in its ``metrics.jsonl`` (the run is then *partial*: still
@@ -12,9 +13,21 @@ its command-line overrides (``train.steps=…``), ``seed`` and its task set (``t
 Table: rows = method (``--rows``; default: whichever of variant, scorer, initializer, scheduler,
 grouper vary over the sweep), columns = task set × data composition (``--cols``; default: every
 other factor that varies, except the seed), cell = mean ± sample std over seeds of the run's mean
-over tasks of ``--metric`` (default: the recipe's headline metric), with n. A cell holding partial
-runs is marked ``*``. Printed as a rich table; written (never overwriting anything) as Markdown,
-CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band. For
+over tasks of ``--metric`` (default: the recipe's headline metric), with n, and a 95 % confidence
+interval of that mean over seeds (none with n < 2): ``--ci t`` (default) shows the t-interval
+mean ± t_{0.975, n−1}·std/√n, ``--ci bootstrap`` the bootstrap percentile interval (B = 10,000
+resamples of the seeds with replacement, drawn by ``numpy.random.default_rng(0)`` afresh for each
+cell, 2.5th and 97.5th percentiles of the resampled means); the CSV has both. A cell holding partial
+runs is marked ``*``.
+
+``--baseline KEY=VALUE[,KEY=VALUE…]`` (keys among the row factors) adds paired differences: each
+cell is compared with the cell of the same column whose row has those values (the other row
+factors equal), seed by seed (a seed's runs averaged if a cell has several), and the mean
+difference over the seeds both have is shown with its 95 % interval (the same ``--ci``) in a second
+table, in the Markdown, in the CSV (``diff_*`` columns) and in the PNG; seeds without a partner are
+left out of the pairs and listed in the notes (and in the CSV). Printed as a rich table; written (never overwriting anything) as Markdown,
+CSV (one line per cell) and a PNG of the metric vs step, mean over seeds with a ±1 std band, above
+the cells' means with their intervals as error bars (and, with ``--baseline``, the differences). For
 task-agnostic sweeps (g_harmodt), ``_groups.png`` plots the metric and the gate's accuracy vs the
 number of groups per method.
 
@@ -25,7 +38,8 @@ run's curve (a partial run, whose log is all it has, is left out); each is a war
 file (and line) in the notes under the table. A truncated last line of ``metrics.jsonl`` (a job
 still writing) is skipped silently. Errors (one line on stderr, nothing written): status 2 for
 a malformed command line (argparse), 1 for a SWEEP that is missing or holds no usable run,
-``--rows``/``--cols``/``--metric`` naming what the runs do not have, or a report file that exists.
+``--rows``/``--cols``/``--metric``/``--baseline`` naming what the runs do not have, or a report file
+that exists.
 """
 
 from __future__ import annotations
@@ -46,6 +60,10 @@ from maskmtl.masks import atomic_write_bytes  # noqa: E402
 from maskmtl.outputs import MetricsError, read_metrics  # noqa: E402
 
 METHOD_KEYS = ("method", "variant", "scorer", "initializer", "scheduler", "grouper")
+CI_LEVEL = 0.95
+BOOTSTRAP_B = 10_000
+BOOTSTRAP_SEED = 0
+CI_KINDS = {"t": "t-interval", "bootstrap": f"bootstrap percentile, B={BOOTSTRAP_B:,}"}
 NOT_FACTORS = {"seed", "recipe", "debug"}
 
 
@@ -298,29 +316,141 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def t_interval(values: list[float], level: float = CI_LEVEL) -> tuple[float, float] | None:
+    """The t-interval of the mean: mean ± t_{(1+level)/2, n−1} · s/√n (s: sample std). ``None``
+    with fewer than 2 values or a non-finite one."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    mean, std = _stats(values)
+    half = float(t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def bootstrap_interval(values: list[float], level: float = CI_LEVEL, b: int = BOOTSTRAP_B,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+    """Bootstrap percentile interval of the mean: ``b`` resamples of the values with replacement
+    (indices ``numpy.random.default_rng(seed).integers(0, n, (b, n))``), the (1−level)/2 and
+    (1+level)/2 percentiles (numpy's default, linear) of their means. ``None`` as ``t_interval``."""
+    import numpy as np
+
+    n = len(values)
+    if n < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(b, n))
+    means = np.asarray(values, dtype=np.float64)[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _intervals(values: list[float]) -> dict[str, tuple[float, float] | None]:
+    return {"t": t_interval(values), "bootstrap": bootstrap_interval(values)}
+
+
+def _seed_key(seed: str):
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
 def aggregate(runs: list[Run], rows: list[str], cols: list[str]) -> list[dict]:
-    """One dict per (row, column) cell: keys, mean, std (sample, over seeds), n, partial, seeds."""
+    """One dict per (row, column) cell: keys, mean, std (sample, over seeds), n, partial, seeds,
+    ``ci`` (``{"t": (lo, hi), "bootstrap": (lo, hi)}``, ``None`` each when n < 2) and
+    ``by_seed`` (seed -> the mean of that seed's runs, for pairing)."""
     cells: dict[tuple, list[Run]] = {}
     for r in runs:
         key = (tuple(r.factors.get(k, "-") for k in rows), tuple(r.factors.get(k, "-") for k in cols))
         cells.setdefault(key, []).append(r)
     out = []
     for (rk, ck), rs in sorted(cells.items()):
-        mean, std = _stats([r.value for r in rs])
+        values = [r.value for r in rs]
+        mean, std = _stats(values)
+        per_seed: dict[str, list[float]] = {}
+        for r in rs:
+            per_seed.setdefault(r.seed, []).append(r.value)
         out.append({"row": dict(zip(rows, rk)), "col": dict(zip(cols, ck)), "mean": mean, "std": std, "n": len(rs),
-                    "partial": sum(not r.complete for r in rs), "seeds": sorted(r.seed for r in rs), "runs": rs})
+                    "partial": sum(not r.complete for r in rs), "seeds": sorted(r.seed for r in rs), "runs": rs,
+                    "ci": _intervals(values),
+                    "by_seed": {k: sum(v) / len(v) for k, v in sorted(per_seed.items(), key=lambda kv: _seed_key(kv[0]))},
+                    "seed_runs": {k: len(v) for k, v in per_seed.items()}, "diff": None})
     return out
+
+
+def pair_with_baseline(cells: list[dict], rows: list[str], baseline: dict[str, str]) -> list[str]:
+    """Set each cell's ``diff``: the paired difference (cell − baseline cell) over the seeds both
+    cells have, the baseline cell being the one of the same column whose row has ``baseline``'s
+    values and the cell's own values for the other row factors. ``diff`` is ``{"baseline": label,
+    "self": True}`` for a baseline cell itself, ``{"baseline": label, "missing": True}`` when the
+    column has no such cell, else ``{"baseline", "n", "mean", "std", "values", "ci", "unpaired"
+    (the cell's seeds without a baseline run), "baseline_only" (the reverse)}``. Returns notes."""
+    for k in baseline:
+        if k not in rows:
+            raise ReportError(f"--baseline: {k!r} is not a row factor (rows: {', '.join(rows)}); "
+                              f"name the rows with --rows")
+        present = sorted({c["row"][k] for c in cells})
+        if baseline[k] not in present:
+            raise ReportError(f"--baseline: no row has {k}={baseline[k]} (values of {k}: {', '.join(present)})")
+    index = {(tuple(c["row"].values()), _label(c["col"])): c for c in cells}
+    notes = []
+    for c in cells:
+        target = {**c["row"], **baseline}
+        label = _label(target)
+        b = index.get((tuple(target[k] for k in rows), _label(c["col"])))
+        where = f"{_label(c['row'])} / {_label(c['col'])}"
+        if b is None:
+            c["diff"] = {"baseline": label, "missing": True}
+            notes.append(f"paired differences: {where} has no baseline cell {label} in its column")
+            continue
+        if b is c:
+            c["diff"] = {"baseline": label, "self": True}
+            continue
+        common = [s for s in c["by_seed"] if s in b["by_seed"]]
+        values = [c["by_seed"][s] - b["by_seed"][s] for s in common]
+        unpaired = [s for s in c["by_seed"] if s not in b["by_seed"]]
+        baseline_only = [s for s in b["by_seed"] if s not in c["by_seed"]]
+        mean, std = _stats(values) if values else (math.nan, math.nan)
+        c["diff"] = {"baseline": label, "n": len(values), "mean": mean, "std": std, "values": values,
+                     "seeds": common, "ci": _intervals(values), "unpaired": unpaired, "baseline_only": baseline_only}
+        if unpaired or baseline_only:
+            parts = ([f"seed{'s' * (len(unpaired) > 1)} {' '.join(unpaired)} without a baseline run"] if unpaired else []) + \
+                    ([f"baseline seed{'s' * (len(baseline_only) > 1)} {' '.join(baseline_only)} without a run here"]
+                     if baseline_only else [])
+            notes.append(f"paired differences: {where} vs {label}: {'; '.join(parts)} (left out of the pairs)")
+        for s_, k in sorted(c["seed_runs"].items()):
+            if k > 1 and s_ in common:
+                notes.append(f"paired differences: {where} has {k} runs of seed {s_}: their mean is paired")
+    return notes
 
 
 def _label(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "all runs"
 
 
-def _cell_text(c: dict | None) -> str:
+def _ci_text(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def _cell_text(c: dict | None, ci: str = "t") -> str:
     if c is None:
         return "—"
     mark = "*" if c["partial"] else ""
-    return f"{c['mean']:.4f} ± {c['std']:.4f} (n={c['n']}){mark}"
+    return f"{c['mean']:.4f} ± {c['std']:.4f}{_ci_text(c['ci'][ci])} (n={c['n']}){mark}"
+
+
+def _diff_text(c: dict | None, ci: str = "t") -> str:
+    d = None if c is None else c["diff"]
+    if d is None or d.get("missing"):
+        return "—"
+    if d.get("self"):
+        return "baseline"
+    if d["n"] == 0:
+        return "no pairs"
+    return f"{d['mean']:+.4f}{_ci_text(d['ci'][ci])} ({d['n']} pair{'s' * (d['n'] != 1)})"
+
+
+def diff_title(baseline: dict[str, str], ci: str) -> str:
+    return (f"paired difference vs {_label(baseline)} (same column, same seed): mean over seeds, "
+            f"95 % CI ({CI_KINDS[ci]})")
 
 
 def table_grid(cells: list[dict]) -> tuple[list[str], list[str], dict]:
@@ -330,50 +460,99 @@ def table_grid(cells: list[dict]) -> tuple[list[str], list[str], dict]:
     return row_labels, col_labels, grid
 
 
-def markdown(cells: list[dict], title: str, notes: list[str]) -> str:
+def markdown(cells: list[dict], title: str, notes: list[str], ci: str = "t", diff: str | None = None) -> str:
+    """The table (and, with ``diff`` = its title, the paired differences' table) and the notes."""
     row_labels, col_labels, grid = table_grid(cells)
-    lines = [f"# {title}", "", "| method | " + " | ".join(col_labels) + " |", "|---|" + "---:|" * len(col_labels)]
+    head = ["| method | " + " | ".join(col_labels) + " |", "|---|" + "---:|" * len(col_labels)]
+    lines = [f"# {title}", "", *head]
     for r in row_labels:
-        lines.append(f"| {r} | " + " | ".join(_cell_text(grid.get((r, c))) for c in col_labels) + " |")
+        lines.append(f"| {r} | " + " | ".join(_cell_text(grid.get((r, c)), ci) for c in col_labels) + " |")
+    if diff is not None:
+        lines += ["", f"## {diff}", "", *head]
+        for r in row_labels:
+            lines.append(f"| {r} | " + " | ".join(_diff_text(grid.get((r, c)), ci) for c in col_labels) + " |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def csv_text(cells: list[dict], rows: list[str], cols: list[str], metric: str) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([*rows, *cols, "metric", "mean", "std", "n", "n_partial", "seeds", "runs"])
+    w.writerow([*rows, *cols, "metric", "mean", "std", "n", "n_partial", "seeds", "runs", *CSV_CI_COLUMNS])
+    num = lambda x: "" if x is None else repr(float(x))  # noqa: E731
+    lohi = lambda ci: ["", ""] if ci is None else [num(ci[0]), num(ci[1])]  # noqa: E731
     for c in cells:
+        d = c["diff"]
+        if d is None:
+            extra = [""] * 9
+        elif d.get("missing") or d.get("self"):
+            extra = [d["baseline"], "self" if d.get("self") else "missing"] + [""] * 7
+        else:
+            extra = [d["baseline"], str(d["n"]), num(d["mean"]) if d["n"] else "", *lohi(d["ci"]["t"]),
+                     *lohi(d["ci"]["bootstrap"]), " ".join(d["unpaired"]), " ".join(d["baseline_only"])]
         w.writerow([*c["row"].values(), *c["col"].values(), metric, repr(c["mean"]), repr(c["std"]), c["n"],
-                    c["partial"], " ".join(c["seeds"]), " ".join(str(r.path) for r in c["runs"])])
+                    c["partial"], " ".join(c["seeds"]), " ".join(str(r.path) for r in c["runs"]),
+                    *lohi(c["ci"]["t"]), *lohi(c["ci"]["bootstrap"]), *extra])
     return buf.getvalue()
 
 
-def print_rich(cells: list[dict], title: str, notes: list[str]) -> None:
+CSV_CI_COLUMNS = ("ci_t_lo", "ci_t_hi", "ci_boot_lo", "ci_boot_hi", "baseline", "diff_n", "diff_mean",
+                  "diff_ci_t_lo", "diff_ci_t_hi", "diff_ci_boot_lo", "diff_ci_boot_hi", "diff_unpaired_seeds",
+                  "diff_baseline_only_seeds")
+
+
+def print_rich(cells: list[dict], title: str, notes: list[str], ci: str = "t", diff: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     row_labels, col_labels, grid = table_grid(cells)
-    table = Table(title=title)
-    table.add_column("method")
-    for c in col_labels:
-        table.add_column(c, justify="right")
-    for r in row_labels:
-        table.add_row(r, *(_cell_text(grid.get((r, c))) for c in col_labels))
     console = Console()
-    console.print(table)
+    for t, text in ((title, _cell_text), *(((diff, _diff_text),) if diff is not None else ())):
+        table = Table(title=t)
+        table.add_column("method")
+        for c in col_labels:
+            table.add_column(c, justify="right")
+        for r in row_labels:
+            table.add_row(r, *(text(grid.get((r, c)), ci) for c in col_labels))
+        console.print(table)
     for n in notes:
         console.print(n)
 
 
-def curves_png(cells: list[dict], metric: str) -> bytes:
-    """Metric vs step per cell: mean over the seeds that reached each step, ±1 std band."""
+def _errorbar_panel(ax, points: list[tuple[str, float, tuple[float, float] | None]], ylabel: str, title: str,
+                    zero: bool = False) -> None:
+    """One point per method with its interval as an error bar (a bare point without one)."""
+    xs = list(range(len(points)))
+    for x, (_, y, ci) in zip(xs, points):
+        if ci is None:
+            ax.plot([x], [y], "o", color="C0")
+        else:
+            ax.errorbar([x], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", capsize=4, color="C0")
+    if zero:
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(xs, [p[0] for p in points], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel=ylabel, title=title)
+
+
+def curves_png(cells: list[dict], metric: str, ci: str = "t", baseline: dict[str, str] | None = None) -> bytes:
+    """Metric vs step per cell: mean over the seeds that reached each step, ±1 std band; below,
+    each cell's final mean with its 95 % interval (``ci``) as error bars, and with ``baseline``
+    the paired differences with theirs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     col_labels = list(dict.fromkeys(_label(c["col"]) for c in cells))
-    fig, axes = plt.subplots(1, len(col_labels), figsize=(5.5 * len(col_labels), 4), squeeze=False)
+    n_rows = 3 if baseline is not None else 2
+    fig, axes = plt.subplots(n_rows, len(col_labels), figsize=(5.5 * len(col_labels), 4 * n_rows), squeeze=False)
+    for k, col in enumerate(col_labels):
+        in_col = [c for c in cells if _label(c["col"]) == col]
+        _errorbar_panel(axes[1][k], [(_label(c["row"]), c["mean"], c["ci"][ci]) for c in in_col],
+                        f"{metric} (mean over seeds)", f"{col}: 95 % CI ({CI_KINDS[ci]})")
+        if baseline is not None:
+            pts = [(_label(c["row"]), c["diff"]["mean"], c["diff"]["ci"][ci]) for c in in_col
+                   if c["diff"] is not None and "n" in c["diff"] and c["diff"]["n"] > 0]
+            _errorbar_panel(axes[2][k], pts, f"Δ {metric} (paired by seed)", f"{col}: vs {_label(baseline)}", zero=True)
     for ax, col in zip(axes[0], col_labels):
         for c in (c for c in cells if _label(c["col"]) == col):
             steps = sorted({s for r in c["runs"] for s in r.curve})
@@ -479,6 +658,21 @@ def factor_list(p: argparse.ArgumentParser, flag: str, value: str | None) -> lis
     return keys
 
 
+def baseline_pairs(p: argparse.ArgumentParser, value: str | None) -> dict[str, str] | None:
+    """``--baseline KEY=VALUE[,KEY=VALUE…]`` -> {key: value} (a usage error otherwise)."""
+    if value is None:
+        return None
+    out: dict[str, str] = {}
+    for part in value.split(","):
+        key, eq, val = (x.strip() for x in part.partition("="))
+        if not eq or not key or not val:
+            p.error(f"--baseline {value!r}: expected KEY=VALUE pairs separated by commas, e.g. --baseline method=harmodt_r")
+        if key in out:
+            p.error(f"--baseline {value!r}: {key} given twice")
+        out[key] = val
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="report", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -487,12 +681,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cols", help="comma-separated factors forming the columns; default: the other varying factors")
     p.add_argument("--metric", help="per-task metric to report (default: the recipe's headline metric)")
     p.add_argument("--out", type=Path, help="folder for the report files (default: SWEEP/reports)")
+    p.add_argument("--ci", choices=sorted(CI_KINDS), default="t",
+                   help="95 %% interval shown: t (t-interval, default) or bootstrap (percentile, B=10,000); the CSV has both")
+    p.add_argument("--baseline", metavar="KEY=VALUE",
+                   help="paired differences (by seed, within a column) against the row with these values, "
+                        "e.g. method=harmodt_r; comma-separated pairs for several row factors")
     try:  # usage errors: argparse's message, status 2
         args = p.parse_args(argv)
         rows_given, cols_given = factor_list(p, "--rows", args.rows), factor_list(p, "--cols", args.cols)
         both = sorted(set(rows_given or []) & set(cols_given or []))
         if both:
             p.error(f"--rows and --cols both name {', '.join(both)}: a factor is either rows or columns")
+        baseline = baseline_pairs(p, args.baseline)
         if args.metric is not None and (not args.metric.strip() or "/" in args.metric):
             p.error(f"--metric {args.metric!r}: expected a per-task metric name, e.g. --metric accuracy")
     except SystemExit as e:
@@ -510,16 +710,21 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise ReportError(f"--out {out_dir} is a file, expected a folder for the report files")
         cells = aggregate(runs, rows, cols)
+        pair_notes = pair_with_baseline(cells, rows, baseline) if baseline is not None else []
         n_partial = sum(not r.complete for r in runs)
-        title = f"{metric}: mean ± std over seeds (n runs) — {args.sweep}"
+        title = f"{metric}: mean ± std over seeds [95 % CI, {CI_KINDS[args.ci]}] (n runs) — {args.sweep}"
+        dtitle = diff_title(baseline, args.ci) if baseline is not None else None
         notes = [f"{len(runs)} runs, {n_partial} partial (* = cell includes runs without results.json: last evaluation "
                  f"in metrics.jsonl)", *(f"warning: {w}" for w in warnings)]
         notes += [f"partial: {r.path} at step {r.step}" for r in runs if not r.complete]
-        print_rich(cells, title, notes)
+        notes += ["95 % intervals of the mean over seeds: none with n < 2; the CSV has both the t-interval and the "
+                  f"bootstrap percentile interval (B={BOOTSTRAP_B:,}, numpy default_rng({BOOTSTRAP_SEED}) per cell)"]
+        notes += pair_notes
+        print_rich(cells, title, notes, args.ci, dtitle)
         shown = True
-        markdown_bytes = markdown(cells, title, notes).encode()
+        markdown_bytes = markdown(cells, title, notes, args.ci, dtitle).encode()
         csv_bytes = csv_text(cells, rows, cols, metric).encode()
-        png_bytes = curves_png(cells, metric)
+        png_bytes = curves_png(cells, metric, args.ci, baseline)
         groups = groups_png(runs, metric)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = new_stem(out_dir)

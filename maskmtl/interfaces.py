@@ -69,15 +69,17 @@ class StepAwareScorer(Protocol):
 class TermScorer(Protocol):
     """A scorer whose H is the sum of an agreement term and an importance term."""
 
-    def drop_terms(
+    def drop_scores_and_terms(
         self,
         grads: "GroupGradients",
         params: Mapping[str, torch.Tensor],
         masks: Mapping[str, torch.Tensor],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """(agreement term, importance term) as they are added into H, each name -> ``[G, *P]``;
-        the second is ``None`` when there is no importance term. ``MaskUpdater`` logs the share of
-        active entries where the agreement term is the larger in magnitude (which term decides)."""
+    ) -> tuple[dict[str, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
+        """``drop_scores``' result (exactly) and, computed with it, the two terms of H as they
+        are added, (agreement term, importance term), each name -> ``[G, *P]``; the second is
+        ``None`` when there is no importance term. With diagnostics on, ``MaskUpdater`` calls
+        this instead of ``drop_scores`` and logs the share of active entries where the agreement
+        term is the larger in magnitude (which term decides)."""
         ...
 
 

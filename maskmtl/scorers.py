@@ -96,8 +96,7 @@ class AgreementScorer:
 
     def drop_scores(self, grads, params, masks):
         if self.weighting == "rank":
-            a_term, i_term = self.drop_terms(grads, params, masks)
-            return a_term if i_term is None else {n: a_term[n] + i_term[n] for n in a_term}
+            return self.drop_scores_and_terms(grads, params, masks)[0]
         imp = self.importance(grads, params, masks)
         out = {}
         for n, gsum in grads.masked.items():
@@ -113,20 +112,27 @@ class AgreementScorer:
     def drop_terms(self, grads, params, masks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """The two terms of H as they are added: (agreement term, importance term), name ->
         ``[G, *P]``; the importance term is ``None`` without importance. ``paper``: (A, λ·I);
-        ``published``: (λ·A, I); ``rank``: (q(A), λ·q(I)). Used by ``drop_scores`` for ``rank``
-        and by the mask update's diagnostics (which term is larger)."""
+        ``published``: (λ·A, I); ``rank``: (q(A), λ·q(I))."""
+        return self.drop_scores_and_terms(grads, params, masks)[1]
+
+    def drop_scores_and_terms(self, grads, params, masks):
+        """``(drop_scores(...), drop_terms(...))`` computed once (the scores equal
+        ``drop_scores``' exactly); the mask update uses it for its diagnostics."""
         imp = self.importance(grads, params, masks)
         a = {n: gsum * grads.mean[n] for n, gsum in grads.masked.items()}
         if self.weighting == "rank":
-            a = percentile_ranks(a, masks)
+            qa = percentile_ranks(a, masks)
             if imp is None:
-                return a, None
-            return a, {n: q.mul_(self.lam) for n, q in percentile_ranks(imp, masks).items()}
+                return qa, (qa, None)
+            qi = {n: q.mul_(self.lam) for n, q in percentile_ranks(imp, masks).items()}
+            return {n: qa[n] + qi[n] for n in qa}, (qa, qi)
         if imp is None:
-            return a, None
-        if self.weighting == "paper":
-            return a, {n: imp[n] * self.lam for n in a}
-        return {n: t.mul_(self.lam) for n, t in a.items()}, imp
+            return a, (a, None)
+        if self.weighting == "paper":  # the same kernel as drop_scores' in-place add
+            return ({n: torch.add(a[n], imp[n], alpha=self.lam) for n in a},
+                    (a, {n: imp[n] * self.lam for n in a}))
+        la = {n: t.mul_(self.lam) for n, t in a.items()}
+        return {n: la[n] + imp[n] for n in la}, (la, imp)
 
     def grow_scores(self, grads):
         return {n: d * grads.mean[n] for n, d in grads.dense.items()}

@@ -202,18 +202,45 @@ def unused_entries(per_group: Mapping[str, torch.Tensor] | None,
     return out
 
 
-def _group_rows(d: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """name -> ``[G, *P]`` to one ``[G, |θ|]`` tensor (targets in ``names`` order)."""
-    return torch.cat([d[n].reshape(d[n].shape[0], -1) for n in names], dim=1)
+def _count_rows(x: torch.Tensor) -> torch.Tensor:
+    """Set entries per row of a bool ``[G, *P]`` tensor, ``[G]`` int64 (a uint8 view: no int64 copy)."""
+    x = x.reshape(x.shape[0], -1)
+    return x.view(torch.uint8).sum(dim=1, dtype=torch.int64) if x.is_contiguous() else x.sum(dim=1)
 
 
-def _jaccard_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Jaccard index of bool rows ``a[k]`` and ``b[k]`` (``[K, D]`` each): ``[K]`` float64, NaN
-    where both rows are empty. Only the columns set in either are compared (drop sets are small)."""
-    cols = (a | b).any(dim=0).nonzero().reshape(-1)
-    a, b = a[:, cols], b[:, cols]
-    inter, union = (a & b).sum(dim=1).double(), (a | b).sum(dim=1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+def _entries(sets: Mapping[str, torch.Tensor], names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """The set entries of name -> bool ``[G, *P]`` (small sets: drops, recoveries) as (group, flat
+    index over all targets in ``names`` order) int64 tensors, and per target (name, group, index
+    within the target) to read values there."""
+    groups, flat, parts, offset = [], [], [], 0
+    for n in names:
+        t = sets[n]
+        nz = t.reshape(t.shape[0], -1).nonzero()
+        groups.append(nz[:, 0])
+        flat.append(nz[:, 1] + offset)
+        parts.append((n, nz[:, 0], nz[:, 1]))
+        offset += t[0].numel()
+    return torch.cat(groups), torch.cat(flat), parts
+
+
+def _share_at(parts: list[tuple], values: Mapping[str, torch.Tensor], n_groups: int,
+              count: torch.Tensor) -> float | None:
+    """Mean over groups (with ``count > 0``) of the share of the listed entries where ``values``
+    is exactly zero."""
+    zeros = torch.zeros(n_groups, dtype=torch.int64)
+    for n, g, k in parts:
+        v = values[n].reshape(values[n].shape[0], -1)
+        hit = v[g.to(v.device), k.to(v.device)] == 0
+        zeros += torch.bincount(g[hit.to(g.device)].cpu(), minlength=n_groups)
+    c = count.double()
+    return _mean(torch.where(c > 0, zeros.double() / c.clamp_min(1), torch.tensor(float("nan"), dtype=torch.float64)))
+
+
+def _set_matrix(groups: torch.Tensor, flat: torch.Tensor, columns: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``[G, len(columns)]`` float 0/1: entry (g, c) set when (g, columns[c]) is listed."""
+    out = torch.zeros((n_groups, columns.numel()), dtype=torch.float64)
+    out[groups.cpu(), torch.searchsorted(columns, flat.cpu())] = 1.0
+    return out
 
 
 def _mean(x: torch.Tensor) -> float | None:
@@ -251,40 +278,52 @@ def swap_diagnostics(before: Mapping[str, torch.Tensor], after: Mapping[str, tor
       that over the group's active entries.
     * ``mask/drop_jaccard_consecutive`` (``last_dropped`` given): Jaccard overlap of a group's drop
       set with its drop set at the previous update.
+
+    Cost: a few passes over the masks (counting active entries, and ``initial`` / ``terms`` when
+    given); drops and recoveries are handled as index lists.
     """
     names = list(before)
-    b, a = _group_rows(before, names), _group_rows(after, names)
-    d, r = _group_rows(dropped, names), _group_rows(recovered, names)
-    n_active = b.sum(dim=1).double()
-    n_drop, n_rec = d.sum(dim=1).double(), r.sum(dim=1).double()
+    n_groups = before[names[0]].shape[0]
     nan = torch.tensor(float("nan"), dtype=torch.float64)
-
-    def share(hit: torch.Tensor, sel: torch.Tensor, count: torch.Tensor) -> float | None:
-        num = (hit & sel).sum(dim=1).double()
-        return _mean(torch.where(count > 0, num / count.clamp_min(1), nan))
-
+    n_active = sum(_count_rows(before[n]).cpu() for n in names).double()
+    dg, df, dparts = _entries(dropped, names)
+    rg, _, rparts = _entries(recovered, names)
+    n_drop = torch.bincount(dg.cpu(), minlength=n_groups)
+    n_rec = torch.bincount(rg.cpu(), minlength=n_groups)
+    ratio = lambda num, den: _mean(torch.where(den > 0, num.double() / den.clamp_min(1), nan))  # noqa: E731
     out: dict[str, float | None] = {
-        "mask/changed": float(n_rec.mean()),
-        "mask/changed_share": _mean(torch.where(n_active > 0, n_rec / n_active.clamp_min(1), nan)),
-        "mask/drop_zero_score_share": share(_group_rows(drop_scores, names).to(d.device) == 0, d, n_drop),
-        "mask/recover_zero_score_share": share(_group_rows(grow_scores, names).to(r.device) == 0, r, n_rec),
-        "mask/drop_zero_grad_share": share(_group_rows(masked_grads, names).to(d.device) == 0, d, n_drop),
-        "mask/recover_zero_grad_share": share(_group_rows(dense_grads, names).to(r.device) == 0, r, n_rec),
+        "mask/changed": float(n_rec.double().mean()),
+        "mask/changed_share": ratio(n_rec, n_active),
+        "mask/drop_zero_score_share": _share_at(dparts, drop_scores, n_groups, n_drop),
+        "mask/recover_zero_score_share": _share_at(rparts, grow_scores, n_groups, n_rec),
+        "mask/drop_zero_grad_share": _share_at(dparts, masked_grads, n_groups, n_drop),
+        "mask/recover_zero_grad_share": _share_at(rparts, dense_grads, n_groups, n_rec),
     }
     if terms is not None and terms[1] is not None:
-        ta, ti = (_group_rows(t, names).to(b.device) for t in terms)
-        out["mask/agreement_dominates_share"] = share(ta.abs() > ti.abs(), b, n_active)
-    n_groups = b.shape[0]
-    if n_groups > 1:
-        i, j = torch.triu_indices(n_groups, n_groups, offset=1)
-        out["mask/drop_jaccard_groups"] = _mean(_jaccard_rows(d[i.to(d.device)], d[j.to(d.device)]))
+        wins = sum(_count_rows((terms[0][n].abs() > terms[1][n].abs()) & before[n].to(terms[0][n].device)).cpu()
+                   for n in names)
+        out["mask/agreement_dominates_share"] = ratio(wins, n_active)
+    if n_groups > 1 or last_dropped is not None:
+        cols = df.cpu()
+        if last_dropped is not None:
+            lg, lf, _ = _entries(last_dropped, names)
+            cols = torch.cat([cols, lf.cpu()])
+        cols = torch.unique(cols)  # sorted
+        now = _set_matrix(dg, df, cols, n_groups)
+        if n_groups > 1:
+            inter = now @ now.T
+            size = now.sum(dim=1)
+            union = size[:, None] + size[None, :] - inter
+            i, j = torch.triu_indices(n_groups, n_groups, offset=1)
+            out["mask/drop_jaccard_groups"] = ratio(inter[i, j], union[i, j])
+        if last_dropped is not None:
+            prev = _set_matrix(lg, lf, cols, n_groups)
+            inter = (now * prev).sum(dim=1)
+            out["mask/drop_jaccard_consecutive"] = ratio(inter, now.sum(dim=1) + prev.sum(dim=1) - inter)
     if initial is not None:
-        new_on = (a & ~_group_rows(initial, names).to(a.device)).sum(dim=1).double()
-        n_after = a.sum(dim=1).double()
-        out["mask/changed_since_init"] = float(new_on.mean())
-        out["mask/changed_since_init_share"] = _mean(torch.where(n_after > 0, new_on / n_after.clamp_min(1), nan))
-    if last_dropped is not None:
-        out["mask/drop_jaccard_consecutive"] = _mean(_jaccard_rows(d, _group_rows(last_dropped, names).to(d.device)))
+        new_on = sum(_count_rows(after[n] & ~initial[n].to(after[n].device)).cpu() for n in names)
+        out["mask/changed_since_init"] = float(new_on.double().mean())
+        out["mask/changed_since_init_share"] = ratio(new_on, n_active)  # the swap keeps the active count
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -396,7 +435,12 @@ class MaskUpdater:
         before = masks.as_dict()  # views: read before set_masks below
         if isinstance(self.scorer, StepAwareScorer):
             self.scorer.begin_update(step)
-        drop, grow = self.scorer.drop_scores(grads, params, before), self.scorer.grow_scores(grads)
+        terms = None
+        if self.diagnostics and isinstance(self.scorer, TermScorer):
+            drop, terms = self.scorer.drop_scores_and_terms(grads, params, before)
+        else:
+            drop = self.scorer.drop_scores(grads, params, before)
+        grow = self.scorer.grow_scores(grads)
         unused = unused_entries(grads.group_unused(), before)
         if self.structures is None:
             result = swap(before, drop, grow, alpha, unused=unused)
@@ -408,7 +452,6 @@ class MaskUpdater:
         if self.diagnostics:  # from the masks before the update: ``before`` are views of them
             t1 = time.perf_counter()
             initial, last = self._tracked(before)
-            terms = self.scorer.drop_terms(grads, params, before) if isinstance(self.scorer, TermScorer) else None
             diag = swap_diagnostics(before, result.masks, result.dropped, result.recovered, drop, grow,
                                     grads.masked, grads.dense, terms=terms, initial=initial, last_dropped=last)
             if self.tracking:

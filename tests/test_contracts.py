@@ -314,3 +314,19 @@ def test_random_scorer_config_errors_name_the_key():
     node = OmegaConf.create({"_target_": "maskmtl.scorers.RandomScorer", "weighting": "mine"})
     with pytest.raises(ConfigError, match="scorer.weighting"):
         build(node, "scorer")
+
+
+@pytest.mark.parametrize("scorer", [s for s in SCORERS if s != "random"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "embedding"])
+def test_scores_with_terms_equal_drop_scores_exactly(kind, scorer):
+    """With diagnostics on, the mask update ranks by drop_scores_and_terms' scores: bit for bit
+    drop_scores', and the terms add up to them."""
+    model, masks = setup(kind, n_groups=2)
+    grads = estimate_gradients(model, masks, loss_fn, batches_for(type(model)))
+    params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+    s = SCORERS[scorer]
+    plain = s.drop_scores(grads, params, masks.as_dict())
+    scores, (a, i) = s.drop_scores_and_terms(grads, params, masks.as_dict())
+    for n in masks.names:
+        assert torch.equal(plain[n], scores[n]), n
+        torch.testing.assert_close(scores[n], a[n] if i is None else a[n] + i[n])

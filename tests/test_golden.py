@@ -189,7 +189,7 @@ def rank_grads() -> GroupGradients:
 def test_rank_weighting_golden():
     h = MagnitudeScorer(lam=1, weighting="rank").drop_scores(rank_grads(), RANK_PARAMS, RANK_MASKS)["w"]
     torch.testing.assert_close(h, torch.tensor([[1 / 3, 4 / 3, 1.0, 4 / 3, 0.0]], dtype=torch.float64))
-    a, i = MagnitudeScorer(lam=2, weighting="rank").drop_terms(rank_grads(), RANK_PARAMS, RANK_MASKS)
+    a, i = MagnitudeScorer(lam=2, weighting="rank").drop_terms(rank_grads(), RANK_PARAMS, RANK_MASKS)  # (q(A), λ·q(I))
     torch.testing.assert_close(a["w"], torch.tensor([[1 / 3, 1 / 3, 1 / 3, 1.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(i["w"], torch.tensor([[0.0, 2.0, 4 / 3, 2 / 3, 0.0]], dtype=torch.float64))
     paper = MagnitudeScorer(lam=10).drop_scores(rank_grads(), RANK_PARAMS, RANK_MASKS)["w"]

@@ -238,47 +238,224 @@ def print_table(title: str, per_task: Mapping[str, Mapping[str, float]], console
     console.print(table)
 
 
-class training_progress:
-    """Rich progress bar over training steps with loss and steps/s; on a non-terminal (CI, log
-    files) it prints a plain line at every 10 % instead of redrawing."""
+# ---------------------------------------------------------------------------------- progress
+# One mechanism for every phase of every recipe (data generation, training, mask updates,
+# evaluation): on a terminal, rich bars (phases that run inside another, such as an evaluation
+# during training, add a row to the same live display); off a terminal (CI, log files, SLURM),
+# plain flushed lines: when a phase starts and ends, at every ``fraction`` of its total, and at
+# least every ``PROGRESS_INTERVAL_S`` seconds while it advances. Progress only prints.
 
-    def __init__(self, total: int, start: int = 0, description: str = "train"):
-        from rich.console import Console
+PROGRESS_INTERVAL_S = 30.0  # off a terminal: the longest silence while a phase advances
+_ACTIVE: list["phase"] = []  # phases open now, outermost first
+_LIVE: dict[str, Any] = {}  # the shared rich Progress while a phase is open on a terminal
 
-        self.total, self.done, self.description = total, start, description
-        self.console = Console()
-        self.live = self.console.is_terminal
-        self._t0 = None
 
-    def __enter__(self):
+def _clock(seconds: float) -> str:
+    """``4.2 s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    if seconds < 59.95:
+        return f"{max(seconds, 0.0):.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def say(message: str) -> None:
+    """One line, now: above the live bars on a terminal, a flushed plain line off it."""
+    if "bar" in _LIVE:
+        _LIVE["bar"].console.print(message, markup=False, highlight=False)
+    else:
+        print(message, flush=True)
+
+
+class phase:
+    """Where one phase is (a context manager).
+
+    Args:
+        description: the phase's name, the start of every line it prints.
+        total: the count it advances to (``None``: no count, only start and end).
+        unit: what it counts.
+        start: the count already done (a resumed run).
+        fraction: off a terminal, a line at every this fraction of ``total`` (``None``: only the
+            time-based lines).
+        announce: ``True``: a start line (off a terminal) and an end line (always); ``"long"``:
+            only an end line, and only if the phase printed a time-based line (a long phase);
+            ``False``: neither.
+        detail: more about the phase, for its start line.
+
+    ``advance(n, info=…)`` moves it on (``info``: extra text shown with the count); ``result``
+    (a string) is added to the end line; ``exclude(seconds)`` takes time spent on other work out
+    of the rate (the time of phases opened inside this one is excluded by itself).
+    """
+
+    def __init__(self, description: str, total: int | None = None, *, unit: str = "steps", start: int = 0,
+                 fraction: float | None = 0.1, announce: bool | str = True, detail: str = ""):
+        self.description, self.total, self.unit, self.detail = description, total, unit, detail
+        self.done = self._start = int(start)
+        self.fraction, self.announce = fraction, announce
+        self.info, self.result = "", ""
+        self.live = False
+        self._excluded = 0.0
+        self._printed_timed = False
+
+    # -- lifecycle
+    def __enter__(self) -> "phase":
         import time
 
-        self._t0, self._start = time.perf_counter(), self.done
-        if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+        self._t0 = self._last_line = time.perf_counter()
+        self.depth = len(_ACTIVE)
+        if _ACTIVE:
+            self.live = _ACTIVE[-1].live
+        else:
+            from rich.console import Console
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:.1f} steps/s  loss {task.fields[loss]:.4f}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, rate=0.0, loss=0.0)
+            self.live = Console().is_terminal
+        if self.live:
+            if "bar" not in _LIVE:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
+
+                bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                               transient=True)
+                bar.start()
+                _LIVE["bar"] = bar
+            self._task = _LIVE["bar"].add_task("  " * self.depth + self.description, total=self.total,
+                                               completed=self.done, info="")
+        elif self.announce is True:
+            about = [f"{self.total - self.done} {self.unit}" + (f" from {self.done}" if self.done else "")
+                     if self.total is not None else "", self.detail]
+            about = ", ".join(a for a in about if a)
+            print(f"{self._indent}{self.description}: started" + (f" ({about})" if about else ""), flush=True)
+        self._next_mark = self._mark_after(self.done)
+        _ACTIVE.append(self)
         return self
 
-    def advance(self, loss: float) -> None:
+    def __exit__(self, exc_type, *exc) -> bool:
         import time
 
-        self.done += 1
-        rate = (self.done - self._start) / max(time.perf_counter() - self._t0, 1e-9)
+        elapsed = time.perf_counter() - self._t0
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
+        if _ACTIVE:  # the enclosing phase waited all this time: not its own work
+            _ACTIVE[-1].exclude(elapsed)
         if self.live:
-            self._bar.update(self._task, advance=1, rate=rate, loss=loss)
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            self.console.print(f"{self.description}: step {self.done}/{self.total}  {rate:.1f} steps/s  loss {loss:.4f}")
-
-    def __exit__(self, *exc):
-        if self.live:
-            self._bar.__exit__(*exc)
+            bar = _LIVE.get("bar")
+            if bar is not None:
+                bar.remove_task(self._task)
+                if not _ACTIVE:
+                    bar.stop()
+                    _LIVE.pop("bar")
+        if self.announce is True or (self.announce == "long" and self._printed_timed):
+            count = f" at {self.done}/{self.total} {self.unit}" if self.total is not None else ""
+            if exc_type is None:
+                line = f"done in {_clock(elapsed)}" + (f", {self.result}" if self.result else "")
+            else:
+                line = f"stopped{count} after {_clock(elapsed)} ({exc_type.__name__})"
+            say(f"{self._indent}{self.description}: {line}")
         return False
+
+    # -- reporting
+    @property
+    def _indent(self) -> str:
+        return "  " * getattr(self, "depth", 0)
+
+    def _mark_after(self, done: int) -> float:
+        if self.total is None or not self.fraction:
+            return float("inf")
+        every = max(1, int(self.total * self.fraction))
+        return (done // every + 1) * every
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent on other work) out of this phase's rate."""
+        self._excluded += float(seconds)
+
+    def rate(self) -> float:
+        """Count per second of this phase's own time."""
+        import time
+
+        own = time.perf_counter() - self._t0 - self._excluded
+        return (self.done - self._start) / max(own, 1e-9)
+
+    def eta(self) -> float | None:
+        """Seconds left, extrapolating the wall time so far (time of nested phases included)."""
+        import time
+
+        if self.total is None or self.done <= self._start:
+            return None
+        wall = time.perf_counter() - self._t0
+        return (self.total - self.done) * wall / (self.done - self._start)
+
+    def line(self) -> str:
+        import time
+
+        parts = [f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %)"
+                 if self.total is not None else f"{self.done} {self.unit}",
+                 f"{self.rate():.2f} {self.unit}/s"]
+        if self.info:
+            parts.append(self.info)
+        parts.append(f"elapsed {_clock(time.perf_counter() - self._t0)}")
+        eta = self.eta()
+        if eta is not None and self.done < self.total:
+            parts.append(f"ETA {_clock(eta)}")
+        return f"{self._indent}{self.description}: " + ", ".join(parts)
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        import time
+
+        self.done += n
+        if info is not None:
+            self.info = info
+        if self.live:
+            _LIVE["bar"].update(self._task, completed=self.done, info=self.info)
+            return
+        now = time.perf_counter()
+        at_mark = self.done >= self._next_mark or (self.total is not None and self.done == self.total
+                                                   and self.fraction)
+        timed = now - self._last_line >= PROGRESS_INTERVAL_S
+        if at_mark or timed:
+            print(self.line(), flush=True)
+            self._last_line = now
+            self._next_mark = self._mark_after(self.done)
+            self._printed_timed |= timed
+
+
+class training_progress(phase):
+    """The training phase: steps with steps/s (training time only: evaluations and mask updates
+    are left out), the loss, and an ETA. ``mask_update(step, metrics)`` reports one mask update."""
+
+    def __init__(self, total: int, start: int = 0, description: str = "train"):
+        super().__init__(description, total, unit="steps", start=start)
+
+    def advance(self, loss: float) -> None:  # type: ignore[override]
+        super().advance(1, info=f"loss {loss:.4f}")
+
+    def __exit__(self, *exc) -> bool:
+        if self.done > self._start:
+            self.result = (f"{self.done - self._start} steps at {self.rate():.2f} steps/s (evaluations and mask "
+                           f"updates left out), last {self.info}")
+        return super().__exit__(*exc)
+
+    def mask_update(self, step: int, metrics: dict) -> dict:
+        """One line for a mask update (``MaskUpdater.update``'s metrics, returned unchanged)."""
+        seconds = float(metrics.get("time/mask_update_s", 0.0))
+        self.exclude(seconds)
+        parts = [f"{metrics['mask/swapped']:.0f} swapped" if "mask/swapped" in metrics else None,
+                 f"{metrics['mask/revived']:.0f} revived" if "mask/revived" in metrics else None,
+                 f"harmony {metrics['mask/harmony']:.4g}" if metrics.get("mask/harmony") is not None else None,
+                 f"density {metrics['mask/density_mean']:.3f}" if "mask/density_mean" in metrics else None,
+                 f"{seconds:.1f} s"]
+        say(f"{self._indent}mask update at step {step}: " + ", ".join(p for p in parts if p))
+        return metrics
+
+
+def evaluation(description: str, n_tasks: int, ev: Mapping[str, Any] | None = None) -> phase:
+    """The phase of one evaluation; set its ``result`` (e.g. the mean success) for the end line.
+    ``ev``: a Meta-World recipe's ``eval`` settings, described in the start line."""
+    detail = f"{n_tasks} tasks"
+    if ev is not None:
+        n = int(ev["episodes"])
+        detail += (f" x {n} episode{'s' if n != 1 else ''}, {ev['parallel']} at a time per task, up to "
+                   f"{ev['max_steps']} steps each")
+    return phase(description, detail=detail)
 
 
 def save_figure(fig, png: Path, title: str) -> None:

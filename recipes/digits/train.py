@@ -20,7 +20,7 @@ from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves,
+from recipes.common import (Preemption, evaluation, kill_point, make_generator, next_task, plot_curves,
                             plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
@@ -126,14 +126,17 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- mask update (Algorithm 2 / 5)
             elif step > warmup and masking.updater.due(step):
-                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+                metrics.update(progress.mask_update(step, masking.updater.update(step, model, masks, loss_fn,
+                                                                                 score_batches, optimizer)))
 
             if step % cfg.train.log_every == 0:
                 metrics.update({"train/loss": loss.item(), "train/task": float(task)})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                ev = evaluate(masking, data, device)
-                metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})
-                metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
+                with evaluation(f"evaluation at step {step}", len(tasks)) as shown:
+                    ev = evaluate(masking, data, device)
+                    metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})
+                    metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
+                    shown.result = f"mean accuracy {metrics['eval/mean_accuracy']:.4f}"
             if metrics:
                 log.log(step, metrics)
             preemption.checkpoint(step, steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
@@ -144,7 +147,9 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ finish
     log.close()
-    final = evaluate(masking, data, device)
+    with evaluation(f"final evaluation after {steps} steps", len(tasks)) as shown:
+        final = evaluate(masking, data, device)
+        shown.result = f"mean accuracy {sum(v['accuracy'] for v in final.values()) / len(final):.4f}"
     save_masks(masks, out / MASKS)
     wall = wall_before + time.perf_counter() - t_start
     save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer, generators=gens,

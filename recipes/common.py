@@ -59,12 +59,51 @@ def start_run(cfg: DictConfig):
     from maskmtl.config import choose_device
 
     t_start = time.perf_counter()
+    threads = resolve_threads(cfg.get("threads"))
     check_train_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    if threads is not None:
+        set_threads(threads)
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     return t_start, device, run_dir()
+
+
+THREADS_AUTO_MAX = 1  # `threads: auto` uses at most this many threads (see conf/config.yaml)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity: SLURM's or taskset's cores), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(value: Any) -> int | None:
+    """The ``threads`` key: an integer >= 1 as given, ``auto`` = min(cores available to this
+    process, ``THREADS_AUTO_MAX``), ``None`` (null) = leave torch's default."""
+    from maskmtl.config import ConfigError
+
+    if value is None:
+        return None
+    if value == "auto":
+        return min(available_cores(), THREADS_AUTO_MAX)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"threads={value!r}: expected an integer >= 1, auto (min(available cores, "
+                      f"{THREADS_AUTO_MAX})) or null (torch's default: every core)")
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for torch and for the BLAS / OpenMP pools numpy and scipy loaded."""
+    torch.set_num_threads(int(n))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it only torch is limited
+        return
+    threadpool_limits(int(n))
 
 
 def seed_everything(seed: int) -> None:

@@ -513,8 +513,11 @@ def save_figure(fig, png: Path, title: str) -> None:
     atomic_write_bytes(png, buf.getvalue())
 
 
-def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
-    """Plot every ``eval/…`` per-task curve, the mean, and ``mask/harmony`` vs step (PNG)."""
+def plot_curves(metrics_path: Path, png: Path, title: str):
+    """``curves.png`` from ``metrics.jsonl``: every ``eval/…`` per-task curve and their mean
+    (markers at each evaluation, lines between), the training loss (``train/loss``, with a running
+    mean; log scale when it falls by 4x or more; mask updates dotted), and ``mask/harmony`` at each
+    mask update. Returns the figure (closed, for inspection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,21 +526,86 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     from maskmtl.outputs import read_metrics
 
     rows = read_metrics(metrics_path)
-    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/mean")})
-    mean_keys = sorted({k for r in rows for k in r if k.startswith("eval/mean")})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for keys, style in ((eval_keys, dict(alpha=0.4, lw=1)), (mean_keys, dict(color="k", lw=2))):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
-            if pts:
-                axes[0].plot(*zip(*pts), label=k.removeprefix("eval/"), **style)
-    axes[0].set(xlabel="step", ylabel="evaluation metric", title="evaluation")
-    axes[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
-    pts = [(r["step"], r["mask/harmony"]) for r in rows if r.get("mask/harmony") is not None]
+
+    def series(key: str, skip: str | None = None) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None and not (skip and skip in r)]
+
+    # in the order the run logged them (its task order)
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/") and k.count("/") >= 2))
+    mean_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/mean")))
+    suffixes = {k.rsplit("/", 1)[1] for k in eval_keys}
+    metric = suffixes.pop() if len(suffixes) == 1 else None  # one metric: named once, on the axis
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [3.2, 1.0, 2.6, 2.2]})
+    ax_eval, ax_legend, ax_loss, ax_h = axes
+    last = max((r["step"] for r in rows), default=1)
+    colors = plt.get_cmap("tab10" if len(eval_keys) <= 10 else "tab20")
+    # tasks side by side, over a third of the gap between evaluations: equal values stay visible
+    eval_steps = sorted({r["step"] for r in rows if any(k in r for k in eval_keys)})
+    gap = min(np.diff(eval_steps), default=0.1 * last) if len(eval_steps) > 1 else 0.1 * last
+    dodge = gap / 3 / max(len(eval_keys) - 1, 1)
+    for i, k in enumerate(eval_keys):
+        pts = series(k)
+        if pts:
+            label = k.removeprefix("eval/").removesuffix(f"/{metric}") if metric else k.removeprefix("eval/")
+            x = [s_ + (i - (len(eval_keys) - 1) / 2) * dodge for s_, _ in pts]
+            ax_eval.plot(x, [v for _, v in pts], marker="o", ms=4, lw=1, alpha=0.75, color=colors(i % colors.N),
+                         label=label)
+    for k, style in zip(mean_keys, ({"color": "k", "ls": "-"}, {"color": "0.4", "ls": "--"}, {"color": "0.6", "ls": ":"})):
+        pts = series(k)
+        if pts:
+            ax_eval.plot(*zip(*pts), marker="s", ms=6, lw=2.2, label=k.removeprefix("eval/"), **style)
+    values = [v for k in eval_keys + mean_keys for _, v in series(k)]
+    if values and min(values) >= 0 and max(values) <= 1:
+        ax_eval.set_ylim(-0.04, 1.04)
+    if not values:
+        ax_eval.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax_eval.transAxes)
+    ax_eval.set(xlabel="step (tasks dodged sideways)", ylabel=metric or "evaluation metric", title="evaluation")
+    ax_eval.grid(alpha=0.3)
+    handles, labels = ax_eval.get_legend_handles_labels()
+    ax_legend.set_axis_off()
+    if handles:
+        ax_legend.legend(handles, labels, loc="upper left", fontsize=7 if len(handles) <= 24 else 5,
+                         ncol=1 if len(handles) <= 24 else 2, frameon=False, borderaxespad=0)
+
+    loss = series("train/loss")
+    if loss:
+        steps_, vals = map(np.asarray, zip(*loss))
+        w = min(len(vals), max(1, len(vals) // 15))
+        ax_loss.plot(steps_, vals, lw=0.8 if w > 1 else 1.5, alpha=0.45 if w > 1 else 1.0, color="C0",
+                     marker="" if len(vals) > 30 else ".", label="train/loss (one batch)")
+        if w > 1:
+            smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+            ax_loss.plot(steps_[w - 1:], smooth, lw=2, color="C0", label=f"running mean of {w}")
+        if vals.min() > 0 and vals.max() / vals.min() >= 4:  # log scale when the loss falls a lot
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax_loss.set_yscale("log")
+            ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    gate = series("train/gate_loss", skip="train/gate_step")  # simultaneous gate training; "after" is logged apart
+    if gate:
+        ax_loss.plot(*zip(*gate), lw=1, color="C1", label="train/gate_loss")
+    updates = [r["step"] for r in rows if "mask/swapped" in r]
+    for j, s_ in enumerate(updates):
+        ax_loss.axvline(s_, color="0.5", lw=0.8, ls=":", label="mask update" if j == 0 else None)
+    if loss or gate:
+        ax_loss.legend(fontsize=7)
+    else:
+        ax_loss.text(0.5, 0.5, "no train/loss logged", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    ax_loss.grid(alpha=0.3, which="both")
+
+    pts = series("mask/harmony")
     if pts:
-        axes[1].plot(*zip(*pts), marker="o")
-    axes[1].set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
+        ax_h.plot(*zip(*pts), marker="o", ms=4)
+    else:
+        ax_h.text(0.5, 0.5, "no mask updates", ha="center", va="center", transform=ax_h.transAxes)
+    ax_h.set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
+    ax_h.grid(alpha=0.3)
+    for ax in (ax_eval, ax_loss, ax_h):  # one step axis for all three
+        ax.set_xlim(-0.03 * last - gap / 6, 1.03 * last + gap / 6)
     save_figure(fig, png, title)
+    return fig
 
 
 def preemption_signal() -> int:

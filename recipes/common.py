@@ -300,7 +300,7 @@ def _clock(seconds: float) -> str:
 def say(message: str) -> None:
     """One line, now: above the live bars on a terminal, a flushed plain line off it."""
     if "bar" in _LIVE:
-        _LIVE["bar"].console.print(message, markup=False, highlight=False)
+        _LIVE["bar"].console.print(message, markup=False, highlight=False, soft_wrap=True)
     else:
         print(message, flush=True)
 
@@ -444,7 +444,8 @@ class phase:
         if info is not None:
             self.info = info
         if self.live:
-            _LIVE["bar"].update(self._task, completed=self.done, info=self.info)
+            shown = f"{self.rate():.2f} {self.unit}/s" + (f", {self.info}" if self.info else "")
+            _LIVE["bar"].update(self._task, completed=self.done, info=shown)
             return
         now = time.perf_counter()
         at_mark = self.done >= self._next_mark or (self.total is not None and self.done == self.total

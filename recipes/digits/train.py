@@ -20,8 +20,8 @@ from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (Preemption, evaluation, kill_point, make_generator, next_task, plot_curves,
-                            plot_masks, print_table, restore_run, start_run, training_progress,
+from recipes.common import (Preemption, evaluation, kill_point, make_generator, next_task, phase,
+                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
@@ -117,9 +117,10 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- grouping (G-HarmoDT stage 2)
             if masking.needs_grouping and step == warmup:
-                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
-                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
-                                structures=masking.structures)
+                with phase(f"grouping at step {step}", detail=f"{len(tasks)} tasks"):
+                    g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                    masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
+                                    structures=masking.structures)
                 check_schedule(masking.scheduler, masks, structures=masking.structures)
                 print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
                 metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})

@@ -218,8 +218,9 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- grouping (stage 2, Algorithm 4)
             if masking.needs_grouping and step == warmup:
-                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
-                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
+                with phase(f"grouping at step {step}", detail=f"{len(tasks)} tasks"):
+                    g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                    masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
                 check_schedule(masking.scheduler, masks)
                 record = group_record(tasks, g, step)
                 write_json(out / GROUPING, record)

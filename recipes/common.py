@@ -551,7 +551,8 @@ def plot_curves(metrics_path: Path, png: Path, title: str):
             x = [s_ + (i - (len(eval_keys) - 1) / 2) * dodge for s_, _ in pts]
             ax_eval.plot(x, [v for _, v in pts], marker="o", ms=4, lw=1, alpha=0.75, color=colors(i % colors.N),
                          label=label)
-    for k, style in zip(mean_keys, ({"color": "k", "ls": "-"}, {"color": "0.4", "ls": "--"}, {"color": "0.6", "ls": ":"})):
+    mean_styles = ({"color": "k", "ls": "-"}, {"color": "0.4", "ls": "--"}, {"color": "0.6", "ls": ":"})
+    for k, style in zip(mean_keys, mean_styles):
         pts = series(k)
         if pts:
             ax_eval.plot(*zip(*pts), marker="s", ms=6, lw=2.2, label=k.removeprefix("eval/"), **style)

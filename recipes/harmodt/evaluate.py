@@ -176,7 +176,8 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
             k = t + 1 - lo
             pad = context - k
             # (T, n, K, ·) windows of the last K steps, left-padded; the current action is still zero
-            win = lambda x: np.concatenate([np.zeros((t_rows, n, pad, x.shape[-1]), np.float32), x[:, :, lo:t + 1]], 2)  # noqa: E731
+            win = lambda x: np.concatenate([np.zeros((t_rows, n, pad, x.shape[-1]), np.float32),  # noqa: E731
+                                            x[:, :, lo:t + 1]], 2)
             timesteps = np.concatenate([np.zeros(pad, np.int64), np.arange(lo, t + 1)])
             mask = np.concatenate([np.zeros(pad, bool), np.ones(k, bool)])
             t0 = time.perf_counter()

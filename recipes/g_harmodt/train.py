@@ -43,8 +43,9 @@ from maskmtl.config import ConfigError, Masking, build, require
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog, write_json
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, evaluation, kill_point, make_generator, next_task, phase, plot_curves,
-                            plot_masks, print_table, restore_run, start_run, training_progress, write_results)
+from recipes.common import (Preemption, evaluation, kill_point, make_generator, metrics_rows, next_task, phase,
+                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
+                            write_results)
 from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
 from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, check_gate_data
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
@@ -271,6 +272,11 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ gate, trained after
     log.close()
+    # the trained state first: a run stopped from here on resumes here (the gate of schedule=after is
+    # trained again from its seed), its metrics log cut back to these rows
+    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer,
+                    generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
+    kill_point("final_eval")
     log = MetricsLog(out / METRICS)
     if use_gate and gate_cfg["schedule"] == "after":
         gate = make_gate()
@@ -343,8 +349,6 @@ def run(cfg: DictConfig) -> dict | None:
     log.log(steps, metrics)
     log.close()
     save_masks(masks, out / MASKS)
-    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer,
-                    generators=gens, extra=extra_state())
     grouping = json.loads((out / GROUPING).read_text()) if masking.needs_grouping else None
     title = f"g_harmodt ({cfg.method_name}, {masks.n_groups} groups, gate: {gate_cfg['target']})"
     print_table(f"{title}: task-agnostic success after {steps} steps", per_task)
@@ -354,6 +358,7 @@ def run(cfg: DictConfig) -> dict | None:
               f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
               f"{gate_report['rollout']['overall'] if gate_report['rollout']['overall'] is not None else float('nan'):.3f}")
     # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
+    kill_point("figures")
     name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
     plot_curves(out / METRICS, out / "curves.png", title=name)
     plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)

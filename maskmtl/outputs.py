@@ -4,7 +4,7 @@
                             wall_time_s (written once, atomically, at the end);
 * ``masks.safetensors`` -- the final masks (``maskmtl.masks.save_masks``);
 * ``metrics.jsonl``     -- one JSON object per line ``{"step": s, "<namespace>/<key>": value, …}``,
-                            readable with ``pandas.read_json(path, lines=True)``.
+                            readable with ``read_metrics(path)`` (or ``json.loads`` per line).
 """
 
 from __future__ import annotations

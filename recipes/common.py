@@ -78,12 +78,51 @@ def start_run(cfg: DictConfig):
     from maskmtl.config import choose_device
 
     t_start = time.perf_counter()
+    threads = resolve_threads(cfg.get("threads"))
     check_train_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    if threads is not None:
+        set_threads(threads)
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     return t_start, device, run_dir()
+
+
+THREADS_AUTO_MAX = 1  # `threads: auto` uses at most this many threads (see conf/config.yaml)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity: SLURM's or taskset's cores), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(value: Any) -> int | None:
+    """The ``threads`` key: an integer >= 1 as given, ``auto`` = min(cores available to this
+    process, ``THREADS_AUTO_MAX``), ``None`` (null) = leave torch's default."""
+    from maskmtl.config import ConfigError
+
+    if value is None:
+        return None
+    if value == "auto":
+        return min(available_cores(), THREADS_AUTO_MAX)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"threads={value!r}: expected an integer >= 1, auto (min(available cores, "
+                      f"{THREADS_AUTO_MAX})) or null (torch's default: every core)")
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for torch and for the BLAS / OpenMP pools numpy and scipy loaded."""
+    torch.set_num_threads(int(n))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it only torch is limited
+        return
+    threadpool_limits(int(n))
 
 
 def seed_everything(seed: int) -> None:
@@ -257,47 +296,225 @@ def print_table(title: str, per_task: Mapping[str, Mapping[str, float]], console
     console.print(table)
 
 
-class training_progress:
-    """Rich progress bar over training steps with loss and steps/s; on a non-terminal (CI, log
-    files) it prints a plain line at every 10 % instead of redrawing."""
+# ---------------------------------------------------------------------------------- progress
+# One mechanism for every phase of every recipe (data generation, training, mask updates,
+# evaluation): on a terminal, rich bars (phases that run inside another, such as an evaluation
+# during training, add a row to the same live display); off a terminal (CI, log files, SLURM),
+# plain flushed lines: when a phase starts and ends, at every ``fraction`` of its total, and at
+# least every ``PROGRESS_INTERVAL_S`` seconds while it advances. Progress only prints.
 
-    def __init__(self, total: int, start: int = 0, description: str = "train"):
-        from rich.console import Console
+PROGRESS_INTERVAL_S = 30.0  # off a terminal: the longest silence while a phase advances
+_ACTIVE: list["phase"] = []  # phases open now, outermost first
+_LIVE: dict[str, Any] = {}  # the shared rich Progress while a phase is open on a terminal
 
-        self.total, self.done, self.description = total, start, description
-        self.console = Console()
-        self.live = self.console.is_terminal
-        self._t0 = None
 
-    def __enter__(self):
+def _clock(seconds: float) -> str:
+    """``4.2 s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    if seconds < 59.95:
+        return f"{max(seconds, 0.0):.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def say(message: str) -> None:
+    """One line, now: above the live bars on a terminal, a flushed plain line off it."""
+    if "bar" in _LIVE:
+        _LIVE["bar"].console.print(message, markup=False, highlight=False, soft_wrap=True)
+    else:
+        print(message, flush=True)
+
+
+class phase:
+    """Where one phase is (a context manager).
+
+    Args:
+        description: the phase's name, the start of every line it prints.
+        total: the count it advances to (``None``: no count, only start and end).
+        unit: what it counts.
+        start: the count already done (a resumed run).
+        fraction: off a terminal, a line at every this fraction of ``total`` (``None``: only the
+            time-based lines).
+        announce: ``True``: a start line (off a terminal) and an end line (always); ``"long"``:
+            only an end line, and only if the phase printed a time-based line (a long phase);
+            ``False``: neither.
+        detail: more about the phase, for its start line.
+
+    ``advance(n, info=…)`` moves it on (``info``: extra text shown with the count); ``result``
+    (a string) is added to the end line; ``exclude(seconds)`` takes time spent on other work out
+    of the rate (the time of phases opened inside this one is excluded by itself).
+    """
+
+    def __init__(self, description: str, total: int | None = None, *, unit: str = "steps", start: int = 0,
+                 fraction: float | None = 0.1, announce: bool | str = True, detail: str = ""):
+        self.description, self.total, self.unit, self.detail = description, total, unit, detail
+        self.done = self._start = int(start)
+        self.fraction, self.announce = fraction, announce
+        self.info, self.result = "", ""
+        self.live = False
+        self._excluded = 0.0
+        self._printed_timed = False
+
+    # -- lifecycle
+    def __enter__(self) -> "phase":
         import time
 
-        self._t0, self._start = time.perf_counter(), self.done
-        if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+        self._t0 = self._last_line = time.perf_counter()
+        self.depth = len(_ACTIVE)
+        if _ACTIVE:
+            self.live = _ACTIVE[-1].live
+        else:
+            from rich.console import Console
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:.1f} steps/s  loss {task.fields[loss]:.4f}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, rate=0.0, loss=0.0)
+            self.live = Console().is_terminal
+        if self.live:
+            if "bar" not in _LIVE:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
+
+                bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                               transient=True)
+                bar.start()
+                _LIVE["bar"] = bar
+            self._task = _LIVE["bar"].add_task("  " * self.depth + self.description, total=self.total,
+                                               completed=self.done, info="")
+        elif self.announce is True:
+            about = [f"{self.total - self.done} {self.unit}" + (f" from {self.done}" if self.done else "")
+                     if self.total is not None else "", self.detail]
+            about = ", ".join(a for a in about if a)
+            print(f"{self._indent}{self.description}: started" + (f" ({about})" if about else ""), flush=True)
+        self._next_mark = self._mark_after(self.done)
+        _ACTIVE.append(self)
         return self
 
-    def advance(self, loss: float) -> None:
+    def __exit__(self, exc_type, *exc) -> bool:
         import time
 
-        self.done += 1
-        rate = (self.done - self._start) / max(time.perf_counter() - self._t0, 1e-9)
+        elapsed = time.perf_counter() - self._t0
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
+        if _ACTIVE:  # the enclosing phase waited all this time: not its own work
+            _ACTIVE[-1].exclude(elapsed)
         if self.live:
-            self._bar.update(self._task, advance=1, rate=rate, loss=loss)
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            self.console.print(f"{self.description}: step {self.done}/{self.total}  {rate:.1f} steps/s  loss {loss:.4f}")
-
-    def __exit__(self, *exc):
-        if self.live:
-            self._bar.__exit__(*exc)
+            bar = _LIVE.get("bar")
+            if bar is not None:
+                bar.remove_task(self._task)
+                if not _ACTIVE:
+                    bar.stop()
+                    _LIVE.pop("bar")
+        if self.announce is True or (self.announce == "long" and self._printed_timed):
+            count = f" at {self.done}/{self.total} {self.unit}" if self.total is not None else ""
+            if exc_type is None:
+                line = f"done in {_clock(elapsed)}" + (f", {self.result}" if self.result else "")
+            else:
+                line = f"stopped{count} after {_clock(elapsed)} ({exc_type.__name__})"
+            say(f"{self._indent}{self.description}: {line}")
         return False
+
+    # -- reporting
+    @property
+    def _indent(self) -> str:
+        return "  " * getattr(self, "depth", 0)
+
+    def _mark_after(self, done: int) -> float:
+        if self.total is None or not self.fraction:
+            return float("inf")
+        every = max(1, int(self.total * self.fraction))
+        return (done // every + 1) * every
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent on other work) out of this phase's rate."""
+        self._excluded += float(seconds)
+
+    def rate(self) -> float:
+        """Count per second of this phase's own time."""
+        import time
+
+        own = time.perf_counter() - self._t0 - self._excluded
+        return (self.done - self._start) / max(own, 1e-9)
+
+    def eta(self) -> float | None:
+        """Seconds left, extrapolating the wall time so far (time of nested phases included)."""
+        import time
+
+        if self.total is None or self.done <= self._start:
+            return None
+        wall = time.perf_counter() - self._t0
+        return (self.total - self.done) * wall / (self.done - self._start)
+
+    def line(self) -> str:
+        import time
+
+        parts = [f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %)"
+                 if self.total is not None else f"{self.done} {self.unit}",
+                 f"{self.rate():.2f} {self.unit}/s"]
+        if self.info:
+            parts.append(self.info)
+        parts.append(f"elapsed {_clock(time.perf_counter() - self._t0)}")
+        eta = self.eta()
+        if eta is not None and self.done < self.total:
+            parts.append(f"ETA {_clock(eta)}")
+        return f"{self._indent}{self.description}: " + ", ".join(parts)
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        import time
+
+        self.done += n
+        if info is not None:
+            self.info = info
+        if self.live:
+            shown = f"{self.rate():.2f} {self.unit}/s" + (f", {self.info}" if self.info else "")
+            _LIVE["bar"].update(self._task, completed=self.done, info=shown)
+            return
+        now = time.perf_counter()
+        at_mark = self.done >= self._next_mark or (self.total is not None and self.done == self.total
+                                                   and self.fraction)
+        timed = now - self._last_line >= PROGRESS_INTERVAL_S
+        if at_mark or timed:
+            print(self.line(), flush=True)
+            self._last_line = now
+            self._next_mark = self._mark_after(self.done)
+            self._printed_timed |= timed
+
+
+class training_progress(phase):
+    """The training phase: steps with steps/s (training time only: evaluations and mask updates
+    are left out), the loss, and an ETA. ``mask_update(step, metrics)`` reports one mask update."""
+
+    def __init__(self, total: int, start: int = 0, description: str = "train"):
+        super().__init__(description, total, unit="steps", start=start)
+
+    def advance(self, loss: float) -> None:  # type: ignore[override]
+        super().advance(1, info=f"loss {loss:.4f}")
+
+    def __exit__(self, *exc) -> bool:
+        if self.done > self._start:
+            self.result = (f"{self.done - self._start} steps at {self.rate():.2f} steps/s (evaluations and mask "
+                           f"updates left out), last {self.info}")
+        return super().__exit__(*exc)
+
+    def mask_update(self, step: int, metrics: dict) -> dict:
+        """One line for a mask update (``MaskUpdater.update``'s metrics, returned unchanged)."""
+        seconds = float(metrics.get("time/mask_update_s", 0.0))
+        self.exclude(seconds)
+        parts = [f"{metrics['mask/swapped']:.0f} swapped" if "mask/swapped" in metrics else None,
+                 f"{metrics['mask/revived']:.0f} revived" if "mask/revived" in metrics else None,
+                 f"harmony {metrics['mask/harmony']:.4g}" if metrics.get("mask/harmony") is not None else None,
+                 f"density {metrics['mask/density_mean']:.3f}" if "mask/density_mean" in metrics else None,
+                 f"{seconds:.1f} s"]
+        say(f"{self._indent}mask update at step {step}: " + ", ".join(p for p in parts if p))
+        return metrics
+
+
+def evaluation(description: str, n_tasks: int, ev: Mapping[str, Any] | None = None) -> phase:
+    """The phase of one evaluation; set its ``result`` (e.g. the mean success) for the end line.
+    ``ev``: a Meta-World recipe's ``eval`` settings, described in the start line."""
+    detail = f"{n_tasks} tasks"
+    if ev is not None:
+        n = int(ev["episodes"])
+        detail += (f" x {n} episode{'s' if n != 1 else ''}, {ev['parallel']} at a time per task, up to "
+                   f"{ev['max_steps']} steps each")
+    return phase(description, detail=detail)
 
 
 def save_figure(fig, png: Path, title: str) -> None:
@@ -316,8 +533,11 @@ def save_figure(fig, png: Path, title: str) -> None:
     atomic_write_bytes(png, buf.getvalue())
 
 
-def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
-    """Plot every ``eval/…`` per-task curve, the mean, and ``mask/harmony`` vs step (PNG)."""
+def plot_curves(metrics_path: Path, png: Path, title: str):
+    """``curves.png`` from ``metrics.jsonl``: every ``eval/…`` per-task curve and their mean
+    (markers at each evaluation, lines between), the training loss (``train/loss``, with a running
+    mean; log scale when it falls by 4x or more; mask updates dotted), and ``mask/harmony`` at each
+    mask update. Returns the figure (closed, for inspection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,21 +546,87 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     from maskmtl.outputs import read_metrics
 
     rows = read_metrics(metrics_path)
-    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/mean")})
-    mean_keys = sorted({k for r in rows for k in r if k.startswith("eval/mean")})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for keys, style in ((eval_keys, dict(alpha=0.4, lw=1)), (mean_keys, dict(color="k", lw=2))):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
-            if pts:
-                axes[0].plot(*zip(*pts), label=k.removeprefix("eval/"), **style)
-    axes[0].set(xlabel="step", ylabel="evaluation metric", title="evaluation")
-    axes[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
-    pts = [(r["step"], r["mask/harmony"]) for r in rows if r.get("mask/harmony") is not None]
+
+    def series(key: str, skip: str | None = None) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None and not (skip and skip in r)]
+
+    # in the order the run logged them (its task order)
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/") and k.count("/") >= 2))
+    mean_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/mean")))
+    suffixes = {k.rsplit("/", 1)[1] for k in eval_keys}
+    metric = suffixes.pop() if len(suffixes) == 1 else None  # one metric: named once, on the axis
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [3.2, 1.0, 2.6, 2.2]})
+    ax_eval, ax_legend, ax_loss, ax_h = axes
+    last = max((r["step"] for r in rows), default=1)
+    colors = plt.get_cmap("tab10" if len(eval_keys) <= 10 else "tab20")
+    # tasks side by side, over a third of the gap between evaluations: equal values stay visible
+    eval_steps = sorted({r["step"] for r in rows if any(k in r for k in eval_keys)})
+    gap = min(np.diff(eval_steps), default=0.1 * last) if len(eval_steps) > 1 else 0.1 * last
+    dodge = gap / 3 / max(len(eval_keys) - 1, 1)
+    for i, k in enumerate(eval_keys):
+        pts = series(k)
+        if pts:
+            label = k.removeprefix("eval/").removesuffix(f"/{metric}") if metric else k.removeprefix("eval/")
+            x = [s_ + (i - (len(eval_keys) - 1) / 2) * dodge for s_, _ in pts]
+            ax_eval.plot(x, [v for _, v in pts], marker="o", ms=4, lw=1, alpha=0.75, color=colors(i % colors.N),
+                         label=label)
+    mean_styles = ({"color": "k", "ls": "-"}, {"color": "0.4", "ls": "--"}, {"color": "0.6", "ls": ":"})
+    for k, style in zip(mean_keys, mean_styles):
+        pts = series(k)
+        if pts:
+            ax_eval.plot(*zip(*pts), marker="s", ms=6, lw=2.2, label=k.removeprefix("eval/"), **style)
+    values = [v for k in eval_keys + mean_keys for _, v in series(k)]
+    if values and min(values) >= 0 and max(values) <= 1:
+        ax_eval.set_ylim(-0.04, 1.04)
+    if not values:
+        ax_eval.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax_eval.transAxes)
+    ax_eval.set(xlabel="step (tasks dodged sideways)", ylabel=metric or "evaluation metric", title="evaluation")
+    ax_eval.grid(alpha=0.3)
+    handles, labels = ax_eval.get_legend_handles_labels()
+    ax_legend.set_axis_off()
+    if handles:
+        ax_legend.legend(handles, labels, loc="upper left", fontsize=7 if len(handles) <= 24 else 5,
+                         ncol=1 if len(handles) <= 24 else 2, frameon=False, borderaxespad=0)
+
+    loss = series("train/loss")
+    if loss:
+        steps_, vals = map(np.asarray, zip(*loss))
+        w = min(len(vals), max(1, len(vals) // 15))
+        ax_loss.plot(steps_, vals, lw=0.8 if w > 1 else 1.5, alpha=0.45 if w > 1 else 1.0, color="C0",
+                     marker="" if len(vals) > 30 else ".", label="train/loss (one batch)")
+        if w > 1:
+            smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+            ax_loss.plot(steps_[w - 1:], smooth, lw=2, color="C0", label=f"running mean of {w}")
+        if vals.min() > 0 and vals.max() / vals.min() >= 4:  # log scale when the loss falls a lot
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax_loss.set_yscale("log")
+            ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    gate = series("train/gate_loss", skip="train/gate_step")  # simultaneous gate training; "after" is logged apart
+    if gate:
+        ax_loss.plot(*zip(*gate), lw=1, color="C1", label="train/gate_loss")
+    updates = [r["step"] for r in rows if "mask/swapped" in r]
+    for j, s_ in enumerate(updates):
+        ax_loss.axvline(s_, color="0.5", lw=0.8, ls=":", label="mask update" if j == 0 else None)
+    if loss or gate:
+        ax_loss.legend(fontsize=7)
+    else:
+        ax_loss.text(0.5, 0.5, "no train/loss logged", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    ax_loss.grid(alpha=0.3, which="both")
+
+    pts = series("mask/harmony")
     if pts:
-        axes[1].plot(*zip(*pts), marker="o")
-    axes[1].set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
+        ax_h.plot(*zip(*pts), marker="o", ms=4)
+    else:
+        ax_h.text(0.5, 0.5, "no mask updates", ha="center", va="center", transform=ax_h.transAxes)
+    ax_h.set(xlabel="step", ylabel="harmony (Def. 3.2)", title="harmony at mask updates")
+    ax_h.grid(alpha=0.3)
+    for ax in (ax_eval, ax_loss, ax_h):  # one step axis for all three
+        ax.set_xlim(-0.03 * last - gap / 6, 1.03 * last + gap / 6)
     save_figure(fig, png, title)
+    return fig
 
 
 def preemption_signal() -> int:

@@ -20,8 +20,8 @@ from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
 from maskmtl.update import check_schedule
-from recipes.common import (Preemption, chosen_options, kill_point, make_generator, next_task, plot_curves,
-                            plot_masks, print_table, restore_run, start_run, training_progress,
+from recipes.common import (Preemption, chosen_options, evaluation, kill_point, make_generator, next_task, phase,
+                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
 from recipes.digits.task import DigitsTasks, MultiTaskMLP
 
@@ -145,23 +145,27 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- grouping (G-HarmoDT stage 2)
             if masking.needs_grouping and step == warmup:
-                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
-                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
-                                structures=masking.structures)
+                with phase(f"grouping at step {step}", detail=f"{len(tasks)} tasks"):
+                    g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                    masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
+                                    structures=masking.structures)
                 check_schedule(masking.scheduler, masks, structures=masking.structures)
                 print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
                 metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})
 
             # -------------------------------------------------- mask update (Algorithm 2 / 5)
             elif step > warmup and masking.updater.due(step):
-                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+                metrics.update(progress.mask_update(step, masking.updater.update(step, model, masks, loss_fn,
+                                                                                 score_batches, optimizer)))
 
             if step % cfg.train.log_every == 0:
                 metrics.update({"train/loss": loss.item(), "train/task": float(task)})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                ev = evaluate(masking, data, device)
-                metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})
-                metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
+                with evaluation(f"evaluation at step {step}", len(tasks)) as shown:
+                    ev = evaluate(masking, data, device)
+                    metrics.update({f"eval/{t}/accuracy": v["accuracy"] for t, v in ev.items()})
+                    metrics["eval/mean_accuracy"] = sum(v["accuracy"] for v in ev.values()) / len(ev)
+                    shown.result = f"mean accuracy {metrics['eval/mean_accuracy']:.4f}"
             if metrics:
                 log.log(step, metrics)
             preemption.checkpoint(step, steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
@@ -172,7 +176,9 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ finish
     log.close()
-    final = evaluate(masking, data, device)
+    with evaluation(f"final evaluation after {steps} steps", len(tasks)) as shown:
+        final = evaluate(masking, data, device)
+        shown.result = f"mean accuracy {sum(v['accuracy'] for v in final.values()) / len(final):.4f}"
     save_masks(masks, out / MASKS)
     wall = wall_before + time.perf_counter() - t_start
     save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer, generators=gens,

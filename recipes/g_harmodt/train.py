@@ -43,8 +43,9 @@ from maskmtl.config import ConfigError, Masking, build, require
 from maskmtl.masks import atomic_write_bytes
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog, write_json
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, kill_point, make_generator, next_task, plot_curves, plot_masks, print_table,
-                            restore_run, start_run, training_progress, write_results)
+from recipes.common import (Preemption, evaluation, kill_point, make_generator, metrics_rows, next_task, phase,
+                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
+                            write_results)
 from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
 from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, accuracy_report, check_gate_data
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
@@ -222,8 +223,9 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- grouping (stage 2, Algorithm 4)
             if masking.needs_grouping and step == warmup:
-                g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
-                                masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
+                with phase(f"grouping at step {step}", detail=f"{len(tasks)} tasks"):
+                    g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
+                                    masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
                 check_schedule(masking.scheduler, masks)
                 record = group_record(tasks, g, step)
                 write_json(out / GROUPING, record)
@@ -235,7 +237,8 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- group-wise mask update (Algorithm 5)
             elif step > warmup and masking.updater.due(step):
-                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+                metrics.update(progress.mask_update(step, masking.updater.update(step, model, masks, loss_fn,
+                                                                                 score_batches, optimizer)))
 
             # -------------------------------------------------- gate, trained alongside
             if use_gate and gate_cfg["schedule"] == "simultaneous" and step >= warmup:
@@ -250,9 +253,11 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- evaluate (task id given, for reference)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
-                envs = envs or make_envs()
-                rep = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device)
-                mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
+                with evaluation(f"evaluation at step {step} (task id given)", len(tasks), ev) as shown:
+                    envs = envs or make_envs()
+                    rep = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                    mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
+                    shown.result = f"mean success {mean_success:.3f}"
                 metrics.update({f"eval/{t}/success_id": v["success"] for t, v in rep.per_task.items()})
                 metrics.update({"eval/mean_success_id": mean_success, "time/eval_policy_s": rep.policy_s})
                 if best is None or mean_success > best["mean_success"]:
@@ -267,15 +272,21 @@ def run(cfg: DictConfig) -> dict | None:
 
     # ------------------------------------------------------------------ gate, trained after
     log.close()
+    # the trained state first: a run stopped from here on resumes here (the gate of schedule=after is
+    # trained again from its seed), its metrics log cut back to these rows
+    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer,
+                    generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
+    kill_point("final_eval")
     log = MetricsLog(out / METRICS)
     if use_gate and gate_cfg["schedule"] == "after":
         gate = make_gate()
-        t0 = time.perf_counter()
-        for k in range(1, gate_cfg["steps"] + 1):
-            gate_loss = gate.step()
-            if k % max(1, gate_cfg["steps"] // 10) == 0 or k == gate_cfg["steps"]:
-                log.log(steps, {"train/gate_step": k, "train/gate_loss": gate_loss})
-        print(f"gate: {gate_cfg['steps']} steps in {time.perf_counter() - t0:.1f} s, last loss {gate_loss:.4f}")
+        with phase("gate training", gate_cfg["steps"]) as shown:
+            for k in range(1, gate_cfg["steps"] + 1):
+                gate_loss = gate.step()
+                if k % max(1, gate_cfg["steps"] // 10) == 0 or k == gate_cfg["steps"]:
+                    log.log(steps, {"train/gate_step": k, "train/gate_loss": gate_loss})
+                shown.advance(info=f"loss {gate_loss:.4f}")
+            shown.result = f"last loss {gate_loss:.4f}"
 
     # ------------------------------------------------------------------ finish: task-agnostic evaluation
     envs = envs or make_envs()
@@ -295,13 +306,19 @@ def run(cfg: DictConfig) -> dict | None:
         b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
         prompts = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
                    b["prompt_mask"])
-    final, predictions = evaluate_agnostic(
-        model, masks=masks, gate=gate, routing=routing, probe_params=gate_cfg["probe_params"],
-        voting_thresh=gate_cfg["voting_thresh"], prompts=prompts, task_ids=m["task_id"], blind=gate_cfg["blind"],
-        probe_steps=gate_cfg["probe_steps"], gn=gate_cfg["transitions"], envs=envs, tasks=tasks,
-        state_mean=sampler.state_mean, state_std=sampler.state_std, reward_scale=sampler.config.reward_scale,
-        context=sampler.config.context, ev=ev)
-    with_id = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device) if ev["task_provided"] else None
+    with evaluation(f"final task-agnostic evaluation after {steps} steps", len(tasks), ev) as shown:
+        final, predictions = evaluate_agnostic(
+            model, masks=masks, gate=gate, routing=routing, probe_params=gate_cfg["probe_params"],
+            voting_thresh=gate_cfg["voting_thresh"], prompts=prompts, task_ids=m["task_id"], blind=gate_cfg["blind"],
+            probe_steps=gate_cfg["probe_steps"], gn=gate_cfg["transitions"], envs=envs, tasks=tasks,
+            state_mean=sampler.state_mean, state_std=sampler.state_std, reward_scale=sampler.config.reward_scale,
+            context=sampler.config.context, ev=ev)
+        shown.result = f"mean success {np.mean([v['success'] for v in final.per_task.values()]):.3f}"
+    with_id = None
+    if ev["task_provided"]:
+        with evaluation("final evaluation with the task id", len(tasks), ev) as shown:
+            with_id = evaluate_with_id(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+            shown.result = f"mean success {np.mean([v['success'] for v in with_id.per_task.values()]):.3f}"
 
     # ------------------------------------------------------------------ results
     gate_report = None
@@ -332,8 +349,6 @@ def run(cfg: DictConfig) -> dict | None:
     log.log(steps, metrics)
     log.close()
     save_masks(masks, out / MASKS)
-    save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer,
-                    generators=gens, extra=extra_state())
     grouping = json.loads((out / GROUPING).read_text()) if masking.needs_grouping else None
     title = f"g_harmodt ({cfg.method_name}, {masks.n_groups} groups, gate: {gate_cfg['target']})"
     print_table(f"{title}: task-agnostic success after {steps} steps", per_task)
@@ -343,6 +358,7 @@ def run(cfg: DictConfig) -> dict | None:
               f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
               f"{gate_report['rollout']['overall'] if gate_report['rollout']['overall'] is not None else float('nan'):.3f}")
     # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
+    kill_point("figures")
     name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
     plot_curves(out / METRICS, out / "curves.png", title=name)
     plot_masks(masks, out / "masks.png", title=name, seed=cfg.seed)

@@ -25,6 +25,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from maskmtl import MaskSet
+from recipes.common import phase
 
 
 @dataclass
@@ -166,42 +167,48 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
     rtg[:, :, 0, 0] = (rtg_target / reward_scale)[:, None]
     report = EvalReport([])
     history = GridHistory(states, actions, rewards, rtg, done, steps, mean, std, reward_scale)
-    for t in range(max_steps):
-        lo = max(0, t + 1 - context)
-        k = t + 1 - lo
-        pad = context - k
-        # (T, n, K, ·) windows of the last K steps, left-padded; the current action is still zero
-        win = lambda x: np.concatenate([np.zeros((t_rows, n, pad, x.shape[-1]), np.float32), x[:, :, lo:t + 1]], 2)  # noqa: E731
-        timesteps = np.concatenate([np.zeros(pad, np.int64), np.arange(lo, t + 1)])
-        mask = np.concatenate([np.zeros(pad, bool), np.ones(k, bool)])
-        t0 = time.perf_counter()
-        act = policy(torch.from_numpy(win(states)), torch.from_numpy(win(actions)), torch.from_numpy(win(rtg)),
-                     torch.from_numpy(np.broadcast_to(timesteps, (t_rows, n, context)).copy()),
-                     torch.from_numpy(np.broadcast_to(mask, (t_rows, n, context)).copy()))
-        act = np.clip(act.float().cpu().numpy(), -1.0, 1.0)  # (T, n, A)
-        t1 = time.perf_counter()
-        actions[:, :, t] = act
-        for i in range(t_rows):
-            for j in range(n):
-                if done[i, j]:
-                    continue
-                obs, r, _, _, info = envs[i][j].step(act[i, j])
-                report.env_steps += 1
-                ret[i, j] += r
-                rewards[i, j, t] = r
-                steps[i, j] += 1
-                success[i, j] |= bool(info["success"])
-                if t + 1 < max_steps:
-                    states[i, j, t + 1] = (obs - mean[i, 0]) / std[i, 0]
-                    rtg[i, j, t + 1, 0] = rtg[i, j, t, 0] - r / reward_scale
-                if stop_on_success and success[i, j]:
-                    done[i, j] = True
-        report.policy_s += t1 - t0
-        report.sim_s += time.perf_counter() - t1
-        if on_step is not None:
-            on_step(t, history)
-        if done.all():
-            break
+    first, last = min(episode_ids) + 1, max(episode_ids) + 1
+    label = f"episode{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''} of {t_rows} tasks"
+    # off a terminal: a line at least every PROGRESS_INTERVAL_S, and an end line when it was that long
+    with phase(label, max_steps, unit="steps", fraction=None, announce="long") as bar:
+        for t in range(max_steps):
+            lo = max(0, t + 1 - context)
+            k = t + 1 - lo
+            pad = context - k
+            # (T, n, K, ·) windows of the last K steps, left-padded; the current action is still zero
+            win = lambda x: np.concatenate([np.zeros((t_rows, n, pad, x.shape[-1]), np.float32),  # noqa: E731
+                                            x[:, :, lo:t + 1]], 2)
+            timesteps = np.concatenate([np.zeros(pad, np.int64), np.arange(lo, t + 1)])
+            mask = np.concatenate([np.zeros(pad, bool), np.ones(k, bool)])
+            t0 = time.perf_counter()
+            act = policy(torch.from_numpy(win(states)), torch.from_numpy(win(actions)), torch.from_numpy(win(rtg)),
+                         torch.from_numpy(np.broadcast_to(timesteps, (t_rows, n, context)).copy()),
+                         torch.from_numpy(np.broadcast_to(mask, (t_rows, n, context)).copy()))
+            act = np.clip(act.float().cpu().numpy(), -1.0, 1.0)  # (T, n, A)
+            t1 = time.perf_counter()
+            actions[:, :, t] = act
+            for i in range(t_rows):
+                for j in range(n):
+                    if done[i, j]:
+                        continue
+                    obs, r, _, _, info = envs[i][j].step(act[i, j])
+                    report.env_steps += 1
+                    ret[i, j] += r
+                    rewards[i, j, t] = r
+                    steps[i, j] += 1
+                    success[i, j] |= bool(info["success"])
+                    if t + 1 < max_steps:
+                        states[i, j, t + 1] = (obs - mean[i, 0]) / std[i, 0]
+                        rtg[i, j, t + 1, 0] = rtg[i, j, t, 0] - r / reward_scale
+                    if stop_on_success and success[i, j]:
+                        done[i, j] = True
+            report.policy_s += t1 - t0
+            report.sim_s += time.perf_counter() - t1
+            if on_step is not None:
+                on_step(t, history)
+            bar.advance(info=f"{int((~done).sum())}/{t_rows * n} envs playing")
+            if done.all():
+                break
     for i in range(t_rows):
         for j in range(n):
             report.episodes.append(EpisodeResult(task_names[i], int(episode_ids[j]), int(seeds[i, j]),

@@ -23,9 +23,9 @@ from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
 from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, kill_point, make_generator, metrics_rows, multi_task_step, next_task,
-                            plot_curves, plot_masks, print_table, restore_run, start_run, training_progress,
-                            write_results)
+from recipes.common import (Preemption, evaluation, kill_point, make_generator, metrics_rows, multi_task_step,
+                            next_task, plot_curves, plot_masks, print_table, restore_run, start_run,
+                            training_progress, write_results)
 from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
 from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
@@ -298,19 +298,22 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- mask update (Algorithm 2)
             if masking.updater.due(step):
-                metrics.update(masking.updater.update(step, model, masks, loss_fn, score_batches, optimizer))
+                metrics.update(progress.mask_update(step, masking.updater.update(step, model, masks, loss_fn,
+                                                                                 score_batches, optimizer)))
 
             if step % cfg.train.log_every == 0:
                 metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step), **(multi.surgery.last if multi else {})})
 
             # -------------------------------------------------- evaluate
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                if envs is None:
-                    from recipes.metaworld.generate import make_env
-                    envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
-                rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                with evaluation(f"evaluation at step {step}", len(tasks), ev) as shown:
+                    if envs is None:
+                        from recipes.metaworld.generate import make_env
+                        envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+                    rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+                    mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
+                    shown.result = f"mean success {mean_success:.3f}"
                 kill_point(f"eval:{step}")
-                mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
                 metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
                 metrics.update({"eval/mean_success": mean_success, "time/eval_policy_s": rep.policy_s,
                                 "time/eval_sim_s": rep.sim_s})
@@ -330,11 +333,13 @@ def run(cfg: DictConfig) -> dict | None:
     save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
                     generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
     kill_point("final_eval")
-    if envs is None:
-        from recipes.metaworld.generate import make_env
-        envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
-    final = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
-    final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
+    with evaluation(f"final evaluation after {cfg.train.steps} steps", len(tasks), ev) as shown:
+        if envs is None:
+            from recipes.metaworld.generate import make_env
+            envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+        final = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+        final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
+        shown.result = f"mean success {final_mean:.3f}"
     if best is None or final_mean > best["mean_success"]:
         best = {"step": cfg.train.steps, "mean_success": final_mean, "per_task": final.per_task}
     log = MetricsLog(out / METRICS)
@@ -348,7 +353,8 @@ def run(cfg: DictConfig) -> dict | None:
                 f"(best = the evaluation with the highest mean success)", per_task)
     unseen_result = None
     if unseen_demos is not None:
-        rep, vote_density = evaluate_unseen(cfg, ev, model, masks, unseen_demos, sampler.config, len(tasks), device)
+        with evaluation("evaluation of the unseen tasks", len(unseen_demos.tasks), ev):
+            rep, vote_density = evaluate_unseen(cfg, ev, model, masks, unseen_demos, sampler.config, len(tasks), device)
         unseen_result = {"tasks": list(unseen_demos.tasks), "voting_threshold": float(cfg.eval.voting_threshold),
                          "voting_density": vote_density, "per_task": rep.per_task,
                          "mean_success": float(np.mean([v["success"] for v in rep.per_task.values()])),

@@ -359,42 +359,25 @@ def _worker_task(task: str, spec: GenerationSpec, directory: str, checkpoint_eve
     return _task_and_demos(task, spec, directory, checkpoint_every, n_demos, on_episode=_QUEUE.put)
 
 
-class _EpisodeProgress:
-    """A rich progress bar over episodes; a plain line every 10 % when not on a terminal."""
+def _task_line(summary: Mapping[str, Any]) -> str | None:
+    """What one finished task's summary says, for the progress log."""
+    if summary.get("seconds") is None:
+        return None
+    return (f"data: {summary['task']} done, {summary['episodes']} episodes in {summary['seconds']:.1f} s, "
+            f"success {summary['success_rate']:.2f}")
 
-    def __init__(self, total: int, description: str, enabled: bool = True):
-        from rich.console import Console
 
-        self.total, self.done, self.description, self.enabled = total, 0, description, enabled
-        self.console = Console(stderr=True)
-        self.live = enabled and self.console.is_terminal
-        self._next_print = max(1, total // 10)
+class _Quiet:
+    """The progress interface doing nothing (``progress=False``)."""
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
-        if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("episodes"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
-            self.bar.__enter__()
-            self.bar_task = self.bar.add_task(self.description, total=self.total)
         return self
 
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.live:
-            self.bar.update(self.bar_task, advance=n)
-        elif self.enabled and (self.done >= self._next_print or self.done == self.total):
-            self._next_print = self.done + max(1, self.total // 10)
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.console.print(f"{self.description}: {self.done}/{self.total} episodes ({rate:.2f}/s)")
-
     def __exit__(self, *exc):
-        if self.live:
-            self.bar.__exit__(*exc)
         return False
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        pass
 
 
 def generate_dataset(spec: GenerationSpec, tasks: Sequence[str], directory: str | Path, workers: int = 1,
@@ -426,20 +409,28 @@ def generate_dataset(spec: GenerationSpec, tasks: Sequence[str], directory: str 
             total += spec.n_episodes - min(len(_load_partial(_partial_dir(directory, t), spec)), spec.n_episodes)
         if demos and not is_complete(demo_dir(directory, demos), t):
             total += demos
-    label = f"{spec.composition} {len(pending)} tasks"
-    with _EpisodeProgress(total, label, enabled=progress) as bar:
-        if workers <= 1 or len(pending) == 1:
+    from recipes.common import available_cores, phase, say
+
+    workers = min(workers, len(pending), available_cores())  # more processes than cores only contend
+    if not progress:
+        phase, say = (lambda *a, **k: _Quiet()), (lambda line: None)
+    label = f"data: {spec.composition}, {len(pending)} tasks"
+    with phase(label, total, unit="episodes", detail=f"{spec.episode_length} steps each, into {directory}, "
+                                                     f"{workers} process{'es' if workers > 1 else ''}") as bar:
+        if workers <= 1:
             for t in pending:
-                summaries.append(_task_and_demos(t, spec, directory, checkpoint_every, demos,
-                                                 on_episode=lambda _: bar.advance()))
+                summary = _task_and_demos(t, spec, directory, checkpoint_every, demos,
+                                          on_episode=lambda _: bar.advance())
+                summaries.append(summary)
+                if _task_line(summary):
+                    say(_task_line(summary))
         else:
-            summaries += _generate_parallel(pending, spec, directory, min(workers, len(pending)), checkpoint_every,
-                                            demos, bar)
+            summaries += _generate_parallel(pending, spec, directory, workers, checkpoint_every, demos, bar, say)
     order = {t: i for i, t in enumerate(tasks)}
     return sorted(summaries, key=lambda s: order[s["task"]])
 
 
-def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, n_demos, bar) -> list[dict]:
+def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, n_demos, bar, say) -> list[dict]:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from queue import Empty
@@ -464,6 +455,8 @@ def _generate_parallel(tasks, spec, directory, workers, checkpoint_every, n_demo
                 finished, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     results.append(fut.result())  # re-raises a worker's error here
+                    if _task_line(results[-1]):
+                        say(_task_line(results[-1]))
                 while True:
                     try:
                         queue.get_nowait()

@@ -168,6 +168,8 @@ class Masking:
                                        m.recovered_state, structures=self.structures)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if not self.needs_grouping:  # grouped masks are tracked from the grouping on (the recipe calls track)
+            self.updater.track(self.masks)
         self.model = MaskedModel(model, self.masks)
 
     def group_density(self) -> float:

@@ -34,10 +34,11 @@ def resume_point(out: Path) -> Path | None:
 
 
 def restore_run(out: Path, *, model, masks, optimizer, generators: dict, numpy_rngs: dict | None = None,
-                device=None) -> tuple[int, dict, Path | None]:
+                device=None, updater=None) -> tuple[int, dict, Path | None]:
     """Resume from ``out``'s checkpoint when it has one: model, masks, optimizer and torch
     generators are loaded, the numpy generators (saved under ``extra["numpy_rngs"]``) restored in
-    place. Returns ``(step, extra, checkpoint)``; ``(0, {}, None)`` for a fresh run."""
+    place, and ``updater`` (a MaskUpdater) from ``extra["updater"]``. Returns ``(step, extra,
+    checkpoint)``; ``(0, {}, None)`` for a fresh run."""
     from maskmtl import load_checkpoint
 
     ckpt = resume_point(out)
@@ -47,6 +48,8 @@ def restore_run(out: Path, *, model, masks, optimizer, generators: dict, numpy_r
                             map_location=device)
     for k, r in (numpy_rngs or {}).items():
         r.bit_generator.state = state["extra"]["numpy_rngs"][k]
+    if updater is not None and "updater" in state["extra"]:  # the tracked mask-update diagnostics
+        updater.load_state_dict(state["extra"]["updater"])
     if "metrics_rows" in state["extra"]:  # the log as it was at the checkpoint (rows of its step included)
         trim_metrics(out / METRICS, int(state["extra"]["metrics_rows"]))
     print(f"resumed from {ckpt} at step {state['step']}")

@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict | None:
     gens = {"data": make_generator(cfg.seed, 2), "tasks": make_generator(cfg.seed, 3),
             "scores": make_generator(cfg.seed, 4)}
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                     device=device)
+                                     device=device, updater=masking.updater)
     wall_before = extra.get("wall_time_s", 0.0)
     log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
 
@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> dict | None:
                                     masking.group_density(), cfg.seed, cfg.masking.recovery_gradient,
                                     structures=masking.structures)
                 check_schedule(masking.scheduler, masks, structures=masking.structures)
+                masking.updater.track(masks)  # the group masks are the initial masks of the updates that follow
                 print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
                 metrics.update({"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)})
 
@@ -170,7 +171,8 @@ def run(cfg: DictConfig) -> dict | None:
                 log.log(step, metrics)
             preemption.checkpoint(step, steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
                 out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                extra={"wall_time_s": wall_before + time.perf_counter() - t_start}), out / CHECKPOINT)
+                extra={"wall_time_s": wall_before + time.perf_counter() - t_start,
+                       "updater": masking.updater.state_dict()}), out / CHECKPOINT)
             progress.advance(loss=loss.item())
             kill_point(step)
 
@@ -182,7 +184,7 @@ def run(cfg: DictConfig) -> dict | None:
     save_masks(masks, out / MASKS)
     wall = wall_before + time.perf_counter() - t_start
     save_checkpoint(out / CHECKPOINT, step=steps, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                    extra={"wall_time_s": wall})
+                    extra={"wall_time_s": wall, "updater": masking.updater.state_dict()})
     print_table(f"digits: test metrics after {steps} steps", final)
     # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
     plot_curves(out / METRICS, out / "curves.png",

@@ -182,7 +182,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     gate = None
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                     numpy_rngs=rngs, device=device)
+                                     numpy_rngs=rngs, device=device, updater=masking.updater)
     wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
     if extra.get("gate") is not None:
         gate = make_gate()
@@ -199,6 +199,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     def extra_state():
         return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
+                "updater": masking.updater.state_dict(),
                 "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()},
                 "gate": gate.state_dict() if gate is not None else None}
 
@@ -227,6 +228,7 @@ def run(cfg: DictConfig) -> dict | None:
                     g = group_tasks(model, masks, masking.scorer, masking.grouper, loss_fn, score_batches,
                                     masking.group_density(), cfg.seed, cfg.masking.recovery_gradient)
                 check_schedule(masking.scheduler, masks)
+                masking.updater.track(masks)  # the group masks are the initial masks of the updates that follow
                 record = group_record(tasks, g, step)
                 write_json(out / GROUPING, record)
                 from safetensors.torch import save as st_save

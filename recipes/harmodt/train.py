@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> dict | None:
     gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                     numpy_rngs=rngs, device=device)
+                                     numpy_rngs=rngs, device=device, updater=masking.updater)
     wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
     log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
     envs = None  # built at the first evaluation, reused after
@@ -271,6 +271,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     def extra_state():
         return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
+                "updater": masking.updater.state_dict(),
                 "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()}}
 
     def lr_at(step: int) -> float:

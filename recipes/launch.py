@@ -114,10 +114,6 @@ def apply_smoke(cfg: DictConfig, overrides: list[str], module: Any) -> list[str]
 
 # ----------------------------------------------------------------------------------- values
 
-def _threads(v) -> bool:
-    return v is None or v == "auto" or is_int(1)(v)
-
-
 def _betas(v) -> bool:
     return len(v) == 2 and all(is_number(0, 1, hi_open=True)(b) for b in v)
 
@@ -126,7 +122,6 @@ SHARED_KEYS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", is_int(0, 2**32 - 1), "an integer in [0, 2^32)"),
     ("dry_run", is_bool, "true or false"),
     ("smoke", is_bool, "true or false"),
-    ("threads", _threads, "null (torch's default), auto, or an integer >= 1"),
     ("device", lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N"),
     ("data_root", lambda v: isinstance(v, str) and v != "", "a folder path"),
     ("train.steps", is_int(1), "an integer >= 1"),
@@ -160,9 +155,10 @@ def check_shared(cfg: DictConfig) -> None:
     """The keys every recipe shares, by type and range, then the ones that depend on each other,
     and the four plug-in groups built once (a bad option value fails here, not in the recipe)."""
     from maskmtl.config import build, choose_device
-    from recipes.common import check_train_config
+    from recipes.common import check_train_config, resolve_threads
 
     check_keys(cfg, SHARED_KEYS + _masking_keys())
+    resolve_threads(cfg.get("threads"))
     check_train_config(cfg)
     choose_device(cfg.device)
     steps, every = int(cfg.train.steps), int(cfg.masking.update_every)

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_recipes import run as run_tool
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from maskmtl.config import ConfigError
-from recipes.common import RunDirError
 from recipes.launch import config_diff, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,10 +223,9 @@ def test_config_diff_lists_keys_and_leaves_safe_ones():
 
 # ------------------------------------------------------------------------------ the command line
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "run.py"), *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=600)
+def run(*args: str, env: dict | None = None):
+    """tools/run.py with these arguments; the caller checks the exit status."""
+    return run_tool(*args, env=env, check=False)
 
 
 def tree_digest(d: Path) -> dict[str, str]:

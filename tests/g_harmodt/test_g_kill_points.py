@@ -5,12 +5,10 @@ its metrics log holding each row once."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_recipes import run as run_tool
 
 from maskmtl.outputs import read_metrics
 
@@ -19,10 +17,9 @@ COMMON = ["recipe=g_harmodt", "debug=smoke", "threads=1", "train.steps=12", "gro
           "train.checkpoint_every=6", "masking.update_every=3", "train.eval_every=6", "gate.steps=20"]
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "run.py"), *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=600)
+def run(*args: str, env: dict | None = None):
+    """tools/run.py with these arguments; the caller checks the exit status."""
+    return run_tool(*args, env=env, check=False)
 
 
 def logged(d: Path) -> list[dict]:

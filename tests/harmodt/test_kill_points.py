@@ -8,12 +8,10 @@ Kills are SIGKILL (no cleanup) at named points (``recipes.common.kill_point``, a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_recipes import run as run_tool
 import torch
 
 from maskmtl import read_masks_file
@@ -26,10 +24,9 @@ COMMON = ["recipe=harmodt", "debug=smoke", "threads=1", "train.steps=20", "train
           "train.eval_every=10", "train.log_every=5", "masking.update_every=5", "train.task_sampling=uniform"]
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "run.py"), *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=600)
+def run(*args: str, env: dict | None = None):
+    """tools/run.py with these arguments; the caller checks the exit status."""
+    return run_tool(*args, env=env, check=False)
 
 
 def finished(d: Path, data_root: Path) -> dict:

@@ -243,7 +243,8 @@ def check_config(cfg: DictConfig) -> None:
     """Every harmodt key, before any data is generated (recipes/launch.py calls it)."""
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
-                          f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f")
+                          f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f, "
+                          f"harmodt_random")
     check_model_config(cfg)
     check_keys(cfg, HELDOUT_KEYS)
     heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)

@@ -212,3 +212,24 @@ def test_heldout_off_is_accepted(tmp_path):
 
     _, cfg = prepared(["recipe=harmodt", "debug=smoke", "eval.heldout_batches=0", "dry_run=true"], tmp_path / "r")
     assert cfg.eval.heldout_batches == 0
+
+
+@pytest.mark.slow
+def test_report_reads_the_heldout_loss(runs, tmp_path):
+    """tools/report.py --metric heldout_mse: results.json's mean (from per_task) per run, and the
+    paired difference against a baseline arm."""
+    import csv
+
+    sweep = next(iter(runs.values())).parent
+    out = tmp_path / "reports"
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), str(sweep), "--rows", "method",
+                        "--metric", "heldout_mse", "--baseline", "method=prompt_dt", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = list(csv.DictReader(open(next(out.glob("*.csv")))))
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == set(runs)
+    for method, d in runs.items():
+        res = json.loads((d / "results.json").read_text())
+        assert by_method[method]["metric"] == "heldout_mse"
+        assert float(by_method[method]["mean"]) == pytest.approx(res["heldout"]["mse"], rel=1e-9)

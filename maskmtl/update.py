@@ -14,6 +14,7 @@ targets of the group (one flat vector), as ArgBtmK over θ in the papers.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -171,7 +172,13 @@ def masks_from_scores(scores: Mapping[str, torch.Tensor], density: float,
 def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler",
                    structures: StructureMap | None = None) -> None:
     """Fail before training if the schedule would ever ask for more swaps than a group can make.
-    With a structure map, α and the counts are in structures (``StructureMap.alpha``)."""
+    With a structure map, α and the counts are in structures (``StructureMap.alpha``).
+
+    A schedule in shares of the active entries (``scheduler.unit=share``) is converted to counts
+    here, the one place where the masks and the schedule meet before any update (see
+    ``convert_share``); every recipe calls this once the masks are known (after grouping, for
+    grouped masks)."""
+    convert_share(scheduler, masks, structures)
     need = scheduler.max_alpha()
     if need == 0:
         return
@@ -187,6 +194,34 @@ def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler",
                 f"{unit}; every update must drop and recover alpha {unit}. Lower {key}.eta_max (or "
                 f"{key}.alpha), or use a density < 1 (a dense initializer leaves nothing to recover: "
                 f"use scheduler=frozen)")
+
+
+def structure_entries(structures: StructureMap, n: int) -> int:
+    """The smallest α in entries that ``structures.alpha`` turns into ``n`` structures (0 for 0)."""
+    if n <= 0:
+        return 0
+    e = max(1, int(math.floor(n * structures.structured_numel() / structures.n_structures)))
+    while e > 1 and structures.alpha(e - 1) >= n:
+        e -= 1
+    while structures.alpha(e) < n:
+        e += 1
+    if structures.alpha(e) != n:  # alpha steps by at most 1 per entry (mean structure size >= 1)
+        raise MaskUpdateError(f"no entry count converts to {n} structures")
+    return e
+
+
+def convert_share(scheduler: Scheduler, masks: MaskSet, structures: StructureMap | None = None) -> None:
+    """``scheduler.unit=share``: set α's counts from the masks (a no-op for counts). The share is of
+    the smallest group's active entries, or, with a structure map, of its active structures (the
+    count is then handed to the scheduler as the entries ``StructureMap.alpha`` turns back into
+    exactly that many structures)."""
+    if getattr(scheduler, "unit", "count") != "share":
+        return
+    if structures is None:
+        scheduler.set_active(int(masks.counts().min()))
+    else:
+        scheduler.set_active(int(structures.counts(masks.as_dict()).min()),
+                             to_entries=lambda n: structure_entries(structures, n))
 
 
 def unused_entries(per_group: Mapping[str, torch.Tensor] | None,

@@ -220,3 +220,75 @@ def test_rank_weighting_over_groups_and_targets():
     assert q["a"].tolist() == [[1.0, 0.5]] and q["b"].tolist() == [[0.0]]
     one = percentile_ranks({"w": torch.tensor([[7.0, 3.0]])}, {"w": torch.tensor([[False, True]])})
     assert one["w"].tolist() == [[0.0, 0.5]]  # a single active entry: 0.5; inactive: 0
+
+
+# ---- α as a share of the active entries (scheduler.unit=share) ----------------------------
+
+def _share_masks(active: list[int], numel: int = 2000) -> MaskSet:
+    """One target of ``numel`` entries; group g has its first ``active[g]`` entries on."""
+    m = torch.zeros(len(active), numel, dtype=torch.bool)
+    for g, a in enumerate(active):
+        m[g, :a] = True
+    return MaskSet({"w": m.reshape(len(active), 40, numel // 40)}, [f"t{g}" for g in range(len(active))])
+
+
+def test_share_of_active_entries_golden():
+    from maskmtl import ConstantScheduler, check_schedule
+    from maskmtl.schedulers import share_to_count
+
+    # ⌈0.01 · 1234⌉ = ⌈12.34⌉ = 13; 0.07 · 100 = 7.000000000000001 in floats, still 7; 0 stays 0
+    assert share_to_count(0.01, 1234) == 13 and share_to_count(0.07, 100) == 7 and share_to_count(0.0, 500) == 0
+    assert share_to_count(1e-6, 1000) == 1  # any share > 0 swaps at least one entry
+    # groups of 1000 and 800 active entries: the smallest group's 800 sets the count, ⌈0.01 · 800⌉ = 8
+    s = CosineScheduler(eta_min=0, eta_max=0.01, total_steps=100, unit="share")
+    assert not s.converted and s.max_alpha() == 1  # before the masks are known: a lower bound
+    with pytest.raises(RuntimeError, match="check_schedule"):
+        s.alpha(50)
+    check_schedule(s, _share_masks([1000, 800]))
+    assert s.converted and s.active == 800 and (s.eta_min, s.eta_max) == (0, 8)
+    assert [s.alpha(t) for t in (0, 25, 50, 75, 100)] == [0, 4, 8, 4, 0]  # ⌈8 − 4(1 + cos(πt/50))⌉
+    # eta_min converts too: ⌈0.005 · 1000⌉ = 5, ⌈0.02 · 1000⌉ = 20
+    s2 = CosineScheduler(eta_min=0.005, eta_max=0.02, total_steps=10, unit="share")
+    check_schedule(s2, _share_masks([1000, 1000]))
+    assert [s2.alpha(t) for t in (0, 5, 10)] == [5, 20, 5] and s2.max_alpha() == 20
+    c = ConstantScheduler(alpha=0.03, unit="share")
+    check_schedule(c, _share_masks([1000, 900]))
+    assert c.alpha(1) == 27 and c.max_alpha() == 27  # ⌈0.03 · 900⌉
+    # the converted count is still checked against the groups: 0.9 of 1000 active but 1000 inactive is
+    # fine, 0.9 of 1500 active (500 inactive) is not
+    check_schedule(ConstantScheduler(alpha=0.9, unit="share"), _share_masks([1000, 1000]))
+    with pytest.raises(MaskUpdateError, match="alpha reaches 1350"):
+        check_schedule(ConstantScheduler(alpha=0.9, unit="share"), _share_masks([1500, 1500]))
+    # unit=count is unchanged: counts, no conversion
+    n = CosineScheduler(eta_min=0, eta_max=100, total_steps=1000)
+    check_schedule(n, _share_masks([1000, 800]))
+    assert n.unit == "count" and n.alpha(500) == 100
+
+
+def test_share_of_active_structures_golden():
+    from maskmtl import check_schedule
+    from maskmtl.structures import build_structures
+
+    # Linear(4, 20) -> ReLU -> Linear(20, 1): 20 units of 4 weights + 1 bias + 1 column = 6 entries each
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 1))
+    smap = build_structures(model, ["0.weight", "0.bias", "2.weight"], "unit", torch.randn(1, 4), reduce="sum")
+    on = torch.zeros(2, 20, dtype=torch.bool)
+    on[0, :10], on[1, :12] = True, True  # 10 and 12 active units
+    masks = MaskSet(smap.to_elements(on), ["a", "b"])
+    s = CosineScheduler(eta_min=0, eta_max=0.25, total_steps=100, unit="share")
+    check_schedule(s, masks, structures=smap)
+    # ⌈0.25 · 10⌉ = 3 structures; 13 is the smallest entry count that ⌈e / 6⌉ turns into 3
+    assert s.active == 10 and s.eta_max == 13 and smap.alpha(s.alpha(50)) == 3
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"eta_max": 1.0, "unit": "share"}, "scheduler.eta_max=1.0"),
+    ({"eta_max": 0.1, "eta_min": -0.01, "unit": "share"}, "scheduler.eta_min=-0.01"),
+    ({"eta_max": "a", "unit": "share"}, "scheduler.eta_max='a'"),
+    ({"eta_max": 0.5}, "scheduler.eta_max"),  # a fraction is not a count
+    ({"unit": "percent"}, "scheduler.unit='percent'"),
+])
+def test_share_schedule_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        CosineScheduler(total_steps=10, **kwargs)

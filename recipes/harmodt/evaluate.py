@@ -214,3 +214,81 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
             report.episodes.append(EpisodeResult(task_names[i], int(episode_ids[j]), int(seeds[i, j]),
                                                  bool(success[i, j]), float(ret[i, j]), int(steps[i, j])))
     return report
+
+
+# ---------------------------------------------------------------------------------- held-out loss
+# The action MSE of the training loss on segments no training step ever reads: the sampler's held-out
+# episodes of each task (its top-return episodes, or its prompt demonstrations when the data has them).
+# The segments are drawn once, at the start of a run, from a generator seeded by a constant and the
+# task's name (the same segments for a task whatever the task list, the seed or the method); no
+# training random stream is read, so a resumed run draws the same ones and training is unchanged.
+
+HELDOUT_SEED = 20240715  # a constant: the held-out segments do not depend on the training seed
+HELDOUT_BATCH = 64       # segments per held-out batch
+
+
+def heldout_index(sampler, task: int, n: int, rng: np.random.Generator):
+    """``n`` segments of task row ``task`` from its held-out episodes (a ``SegmentIndex``).
+
+    As in training, a segment starts at a transition drawn uniformly over the pool's transitions and
+    is cut at its episode's end; its prompt follows ``data.sampling``'s rule over the same held-out
+    episodes. With ``prompt_episode=best`` and more than one held-out episode the best one (every
+    prompt's source) gives no segments, and with ``random`` a segment's prompt comes from another
+    held-out episode than its own, so no segment's actions are in its own prompt."""
+    from recipes.metaworld.sampler import SegmentIndex
+
+    cfg = sampler.config
+    pool = np.asarray(sampler.heldout[sampler.tasks[task]], np.int64)  # the task's episode space, best first
+    if len(pool) == 0:
+        raise ValueError(f"task {sampler.tasks[task]}: no held-out episodes (data.sampling.heldout_episodes=0 "
+                         f"and no data.prompt_demos)")
+    lengths = sampler._ep_len[sampler._ep_offset[task] + pool]
+    seg = np.arange(1, len(pool)) if cfg.prompt_episode == "best" and len(pool) > 1 else np.arange(len(pool))
+    cum = np.cumsum(lengths[seg])
+    flat = rng.integers(int(cum[-1]), size=n)
+    pos = np.searchsorted(cum, flat, side="right")                   # which held-out episode
+    start = flat - (cum[pos] - lengths[seg][pos])                     # step within it
+    which = seg[pos]                                                  # index into pool
+    if cfg.prompt_episode == "best":
+        prompt = np.zeros(n, np.int64)
+    elif len(pool) > 1:
+        prompt = rng.integers(len(pool) - 1, size=n)
+        prompt += prompt >= which                                     # any held-out episode but the segment's
+    else:
+        prompt = np.zeros(n, np.int64)
+    k_star, p_len = cfg.prompt_length, lengths[prompt]
+    if cfg.prompt_position == "last":
+        p_start = np.maximum(p_len - k_star, 0)
+    else:
+        p_start = (rng.random(n) * np.maximum(p_len - k_star + 1, 1)).astype(np.int64)
+    return SegmentIndex(np.full(n, task, np.int64), pool[which], start.astype(np.int64), pool[prompt],
+                        p_start.astype(np.int64))
+
+
+def heldout_batches(sampler, n_batches: int, device, batch_size: int = HELDOUT_BATCH) -> list[list[dict]]:
+    """Per task row, ``n_batches`` fixed batches of ``batch_size`` held-out segments (torch, on ``device``)."""
+    import zlib
+
+    out = []
+    for i, name in enumerate(sampler.tasks):
+        rng = np.random.default_rng([HELDOUT_SEED, zlib.crc32(name.encode())])
+        out.append([sampler.gather(heldout_index(sampler, i, batch_size, rng)).to_torch(device)
+                    for _ in range(n_batches)])
+    return out
+
+
+@torch.no_grad()
+def heldout_mse(model: torch.nn.Module, loss_fn, batches: list[list[dict]], forwards: dict[str, Callable]) -> dict:
+    """The loss (``loss_fn(forward, task, batch)``, the training loss) of every task row's held-out
+    ``batches``, dropout off, under each mask choice of ``forwards``: name -> ``forward_for(task)``
+    (a callable forward for that task's row). Returns name -> per-task list of the mean over batches."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for name, forward_for in forwards.items():
+            out[name] = [float(np.mean([float(loss_fn(forward_for(i), i, b)) for b in task_batches]))
+                         for i, task_batches in enumerate(batches)]
+    finally:
+        model.train(was_training)
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from maskmtl import MaskedAdamW, MaskSet, save_checkpoint, save_masks
+from maskmtl import MaskedAdamW, MaskedModel, MaskSet, save_checkpoint, save_masks
 from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
 from maskmtl.structures import print_structure_report
@@ -26,7 +26,7 @@ from maskmtl.targets import print_target_report, target_report_rows
 from recipes.common import (Preemption, evaluation, kill_point, make_generator, metrics_rows, multi_task_step,
                             next_task, plot_curves, plot_masks, print_table, restore_run, start_run,
                             training_progress, write_results)
-from recipes.harmodt.evaluate import EvalReport, GridPolicy, run_grid
+from recipes.harmodt.evaluate import HELDOUT_BATCH, EvalReport, GridPolicy, heldout_batches, heldout_mse, run_grid
 from recipes.harmodt.model import PromptDT
 from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
                                          smoke_data_overrides, unseen_tasks)
@@ -166,6 +166,40 @@ def evaluate_unseen(cfg: DictConfig, ev: dict, model, masks: MaskSet, demos: Off
     return report, float(unseen.density().mean())
 
 
+def initial_masks(masking: Masking) -> MaskSet:
+    """A copy of the masks as initialised. ``Masking`` draws them from a generator seeded by the run's
+    seed, so a resumed run regenerates the same ones; when the updater tracks them (it keeps the
+    initial masks in the checkpoint), its copy is used, which is the same masks."""
+    masks = masking.masks
+    state = masking.updater.state_dict()
+    init = state.get("initial") or masks.as_dict()
+    return MaskSet({n: init[n].to(masks[n].device).clone() for n in masks.names}, masks.tasks, masks.task_to_group)
+
+
+def heldout_forwards(masking: Masking, initial: MaskedModel) -> dict:
+    """The three mask choices of the held-out loss: name -> (task row -> forward). ``own``: the
+    task's current mask; ``init``: its mask right after initialisation; ``neighbour``: the current
+    mask of task (i + 1) mod N, on task i's data (task id and prompt stay task i's)."""
+    n = masking.masks.n_tasks
+
+    def under(model: MaskedModel, row_of):
+        def forward_for(i: int):
+            group = model.masks.group_of(row_of(i))
+            return lambda *a, **k: model.forward_group(group, *a, **k)
+        return forward_for
+    return {"own": under(masking.model, lambda i: i), "init": under(initial, lambda i: i),
+            "neighbour": under(masking.model, lambda i: (i + 1) % n)}
+
+
+def heldout_metrics(tasks: list[str], result: dict) -> dict:
+    """``eval/<task>/heldout_mse`` and the means ``eval/heldout_mse``, ``_init``, ``_neighbour``."""
+    out = {f"eval/{t}/heldout_mse": v for t, v in zip(tasks, result["own"])}
+    out["eval/heldout_mse"] = float(np.mean(result["own"]))
+    out["eval/heldout_mse_init"] = float(np.mean(result["init"]))
+    out["eval/heldout_mse_neighbour"] = float(np.mean(result["neighbour"]))
+    return out
+
+
 SMOKE_MODEL = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 4}
 SMOKE_EVAL = {"eval.episodes": 1, "eval.parallel": 1, "eval.max_steps": 40}
 
@@ -189,6 +223,10 @@ MODEL_KEYS = [
     ("eval.rtg_quantile", is_number(0, 1), "a number in [0, 1] (a quantile of each task's returns)"),
     ("eval.seed", is_int(0), "an integer >= 0"),
 ]
+HELDOUT_KEYS = [
+    ("eval.heldout_batches", is_int(0, 1000), f"an integer in 0..1000 (batches of {HELDOUT_BATCH} held-out segments "
+                                              f"per task at every evaluation; 0: no held-out loss)"),
+]
 
 
 def check_model_config(cfg: DictConfig) -> None:
@@ -205,8 +243,16 @@ def check_config(cfg: DictConfig) -> None:
     """Every harmodt key, before any data is generated (recipes/launch.py calls it)."""
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
-                          f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f")
+                          f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f, "
+                          f"harmodt_random")
     check_model_config(cfg)
+    check_keys(cfg, HELDOUT_KEYS)
+    heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
+    sampling = OmegaConf.select(cfg, "data.sampling.heldout_episodes", default=SamplingConfig.heldout_episodes)
+    if heldout and sampling == 0 and int(OmegaConf.select(cfg, "data.prompt_demos", default=0) or 0) < 1:
+        raise ConfigError(f"eval.heldout_batches={heldout}: the held-out loss needs episodes no training step reads "
+                          f"(data.sampling.heldout_episodes >= 1 or data.prompt_demos >= 1); or set "
+                          f"eval.heldout_batches=0")
     unseen = unseen_tasks(cfg.data)
     n_train = len(dataset_tasks(cfg.data))
     try:
@@ -246,6 +292,8 @@ def run(cfg: DictConfig) -> dict | None:
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1),
                       example_inputs=example_inputs(sampler, m, device))
     masks = masking.masks
+    n_heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
+    held = heldout_batches(sampler, n_heldout, device) if n_heldout else None  # drawn once, fixed generators
     multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
     if masking.structures is not None:
@@ -263,6 +311,7 @@ def run(cfg: DictConfig) -> dict | None:
     start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
                                      numpy_rngs=rngs, device=device, updater=masking.updater)
     wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
+    initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after restore: its copy
     log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
     envs = None  # built at the first evaluation, reused after
 
@@ -276,6 +325,12 @@ def run(cfg: DictConfig) -> dict | None:
 
     def lr_at(step: int) -> float:
         return warmup_lr(cfg.train, step)
+
+    def heldout_now() -> dict:
+        """The held-out metrics now (none without eval.heldout_batches)."""
+        if held is None:
+            return {}
+        return heldout_metrics(tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
 
     # ------------------------------------------------------------------ train
     model.train()
@@ -313,9 +368,12 @@ def run(cfg: DictConfig) -> dict | None:
                         envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
                     rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
                     mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
-                    shown.result = f"mean success {mean_success:.3f}"
+                    held_metrics = heldout_now()
+                    shown.result = f"mean success {mean_success:.3f}" + (
+                        f", held-out mse {held_metrics['eval/heldout_mse']:.4g}" if held_metrics else "")
                 kill_point(f"eval:{step}")
                 metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
+                metrics.update(held_metrics)
                 metrics.update({"eval/mean_success": mean_success, "time/eval_policy_s": rep.policy_s,
                                 "time/eval_sim_s": rep.sim_s})
                 if best is None or mean_success > best["mean_success"]:
@@ -340,16 +398,25 @@ def run(cfg: DictConfig) -> dict | None:
             envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
         final = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
         final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
-        shown.result = f"mean success {final_mean:.3f}"
+        final_held = heldout_now()
+        shown.result = f"mean success {final_mean:.3f}" + (
+            f", held-out mse {final_held['eval/heldout_mse']:.4g}" if final_held else "")
     if best is None or final_mean > best["mean_success"]:
         best = {"step": cfg.train.steps, "mean_success": final_mean, "per_task": final.per_task}
     log = MetricsLog(out / METRICS)
     log.log(cfg.train.steps, {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
-            | {"eval/mean_success": final_mean})
+            | {"eval/mean_success": final_mean} | final_held)
     log.close()
     save_masks(masks, out / MASKS)
     per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
                 for t, v in final.per_task.items()}
+    heldout_result = None
+    if final_held:
+        for t in tasks:
+            per_task[t]["heldout_mse"] = final_held[f"eval/{t}/heldout_mse"]
+        heldout_result = {"mse": final_held["eval/heldout_mse"], "mse_init": final_held["eval/heldout_mse_init"],
+                          "mse_neighbour": final_held["eval/heldout_mse_neighbour"], "batches_per_task": n_heldout,
+                          "batch_size": HELDOUT_BATCH}
     print_table(f"harmodt ({cfg.method_name}): success after {cfg.train.steps} steps "
                 f"(best = the evaluation with the highest mean success)", per_task)
     unseen_result = None
@@ -372,7 +439,8 @@ def run(cfg: DictConfig) -> dict | None:
         wall_time_s=extra_state()["wall_time_s"],
         extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, rtg_target.tolist())),
                "episodes": [e.__dict__ for e in final.episodes], "density": masks.density().tolist(),
-               "resumed_from": start if ckpt is not None else None, "unseen": unseen_result},
+               "resumed_from": start if ckpt is not None else None, "unseen": unseen_result,
+               "heldout": heldout_result},
     )
     print(f"results: {out / 'results.json'}")
     return results

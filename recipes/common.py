@@ -554,7 +554,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str):
         return [(r["step"], r[key]) for r in rows if r.get(key) is not None and not (skip and skip in r)]
 
     # in the order the run logged them (its task order)
-    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/") and k.count("/") >= 2))
+    loss_like = ("heldout_mse", "loss")  # evaluation losses are not drawn on the success / accuracy axes
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/") and k.count("/") >= 2
+                                   and not k.endswith(loss_like)))
     mean_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval/mean")))
     suffixes = {k.rsplit("/", 1)[1] for k in eval_keys}
     metric = suffixes.pop() if len(suffixes) == 1 else None  # one metric: named once, on the axis

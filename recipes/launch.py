@@ -45,7 +45,7 @@ SUMMARY = "data_summary.json"  # recipe=make_data's finished-run file
 FINISHED = (RESULTS, SUMMARY)
 RUN_FILES = (RESULTS, SUMMARY, CHECKPOINT, "metrics.jsonl", "masks.safetensors")
 HYDRA_DIR = ".hydra"
-RECIPE_SPECIFIC_GROUPS = ("data", "method", "profile")  # groups only some recipes read (cfg.recipe_groups)
+RECIPE_SPECIFIC_GROUPS = ("data", "method", "profile", "experiment")  # groups only some recipes read (cfg.recipe_groups)
 
 
 # ----------------------------------------------------------------------------------- overrides
@@ -88,7 +88,7 @@ def check_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, An
         raise ConfigError(f"{text}: {key} is not a key of recipe={cfg.recipe_name}'s config, so nothing would "
                           f"read it{hint} (a key the config has is set as KEY=VALUE, without '+')")
     used = set(cfg.get("recipe_groups") or [])
-    for group in RECIPE_SPECIFIC_GROUPS:
+    for group in sorted(RECIPE_SPECIFIC_GROUPS, key=lambda g: g != "experiment"):  # the one the user chose first
         if choices.get(group) is not None and group not in used:
             raise ConfigError(f"{group}={choices[group]}: recipe={cfg.recipe_name} has no use for the {group} group "
                               f"(it reads {sorted(used) or 'none of ' + str(list(RECIPE_SPECIFIC_GROUPS))})")

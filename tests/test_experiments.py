@@ -113,8 +113,8 @@ def test_every_swept_arm_passes_every_check(experiment, tmp_path):
 
 
 @pytest.mark.parametrize("recipe,message", [
-    ("digits", "data=tiny: recipe=digits has no use for the data group"),
-    ("g_harmodt", "method=harmodt_f: the g_harmodt recipe's methods are"),
+    ("digits", "experiment=evidence_mt10: recipe=digits has no use for the experiment group"),
+    ("g_harmodt", "experiment=evidence_mt10: recipe=g_harmodt has no use for the experiment group"),
 ])
 def test_evidence_mt10_belongs_to_the_harmodt_recipe(recipe, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

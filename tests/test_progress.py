@@ -97,8 +97,8 @@ def test_a_first_run_reports_every_phase(tmp_path):
                     r"^train: done in",
                     r"^mask update at step 10: \d+ swapped, \d+ revived, harmony",  # mask updates
                     r"^  evaluation at step 10: started \(2 tasks x 1 episode, 1 at a time",   # evaluation
-                    r"^  evaluation at step 10: done in [\d.]+ s, mean success [\d.]+$",
-                    r"^final evaluation after 20 steps: done in [\d.]+ s, mean success [\d.]+$"):
+                    r"^  evaluation at step 10: done in [\d.]+ s, mean success [\d.]+, held-out mse [\d.]+$",
+                    r"^final evaluation after 20 steps: done in [\d.]+ s, mean success [\d.]+, held-out mse [\d.]+$"):
         assert re.search(pattern, out, re.M), f"{pattern!r} not in:\n{out}"
     assert (tmp_path / "run" / "curves.png").exists()
 

@@ -189,3 +189,17 @@ def test_partial_run_without_a_task_list_uses_every_logged_task(tmp_path):
                    + json.dumps({"step": 20, "eval/a/success": 0.2, "eval/b/success": 0.6, "eval/mean_success": 0.4}) + "\n")
     assert report._curve(log, [], "success") == {20: pytest.approx(0.4)}
     assert report._curve(log, ["a"], "success") == {20: pytest.approx(0.2)}
+
+
+def test_groups_a_method_sets_are_neither_rows_nor_columns(tmp_path):
+    """method=harmodt_r fixes scheduler=frozen, method=harmodt_f scheduler=cosine: the scheduler is
+    not a factor of its own, so every method shares one column and paired differences find pairs."""
+    arms = {"harmodt_r": "frozen", "harmodt_f": "cosine", "harmodt_random": "cosine"}
+    for i, (method, scheduler) in enumerate((m, s) for m, s in arms.items() for _ in range(2)):
+        fake_run(tmp_path / str(i), {"method": method, "scheduler": scheduler}, i % 2, [0.5, 0.5, 0.5], {100: [0.5] * 3})
+    runs, _, _ = report.load_runs(tmp_path)
+    assert report.default_keys(runs, None, None) == (["method"], ["tasks"])
+    # a factor that varies within a method stays a column
+    fake_run(tmp_path / "6", {"method": "harmodt_f", "scheduler": "constant"}, 2, [0.5] * 3, {100: [0.5] * 3})
+    runs, _, _ = report.load_runs(tmp_path)
+    assert report.default_keys(runs, None, None) == (["method", "scheduler"], ["tasks"])

@@ -10,9 +10,10 @@ run finished, else from the last evaluation in its ``metrics.jsonl`` (the run is
 running, preempted, or failed). A run's factors are its config-group choices (``scorer=fisher``…),
 its command-line overrides (``train.steps=…``), ``seed`` and its task set (``tasks``).
 
-Table: rows = method (``--rows``; default: whichever of variant, scorer, initializer, scheduler,
-grouper vary over the sweep), columns = task set × data composition (``--cols``; default: every
-other factor that varies, except the seed), cell = mean ± sample std over seeds of the run's mean
+Table: rows = method (``--rows``; default: whichever of method, variant, scorer, initializer,
+scheduler, grouper vary over the sweep, less those another of them determines: a method file's
+scheduler), columns = task set × data composition (``--cols``; default: every other factor that
+varies, except the seed and those the rows determine), cell = mean ± sample std over seeds of the run's mean
 over tasks of ``--metric`` (default: the recipe's headline metric), with n, and a 95 % confidence
 interval of that mean over seeds (none with n < 2): ``--ci t`` (default) shows the t-interval
 mean ± t_{0.975, n−1}·std/√n, ``--ci bootstrap`` the bootstrap percentile interval (B = 10,000
@@ -303,10 +304,22 @@ def default_keys(runs: list[Run], rows: list[str] | None, cols: list[str] | None
         for k in given or []:
             if k not in present:
                 raise ReportError(f"{flag}: {k!r} is not a factor of these runs (factors: {sorted(present)})")
+    def determined(k: str, by: list[str]) -> bool:
+        """``k`` takes one value for each combination of ``by`` (method=harmodt_r fixes scheduler=frozen)."""
+        seen: dict[tuple, set] = {}
+        for r in runs:
+            seen.setdefault(tuple(r.factors.get(b) for b in by), set()).add(r.factors.get(k))
+        return bool(by) and all(len(v) == 1 for v in seen.values())
+
     if rows is None:
-        rows = [k for k in METHOD_KEYS if k in varying] or [next((k for k in METHOD_KEYS if k in present), "tasks")]
+        rows = []
+        for k in (k for k in METHOD_KEYS if k in varying):
+            if not determined(k, rows):  # a group the method file sets is not a row of its own
+                rows.append(k)
+        rows = rows or [next((k for k in METHOD_KEYS if k in present), "tasks")]
     if cols is None:
-        cols = [k for k in varying if k not in rows] or [k for k in ("tasks",) if k not in rows]
+        cols = [k for k in varying if k not in rows and not determined(k, rows)] or \
+            [k for k in ("tasks",) if k not in rows]
     return rows, cols
 
 

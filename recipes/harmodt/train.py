@@ -332,6 +332,21 @@ def run(cfg: DictConfig) -> dict | None:
             return {}
         return heldout_metrics(tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
 
+    def evaluate_now(label: str) -> tuple[EvalReport, float, dict]:
+        """One evaluation of every task (envs built at the first, reused after), its mean success
+        and the held-out metrics."""
+        nonlocal envs
+        with evaluation(label, len(tasks), ev) as shown:
+            if envs is None:
+                from recipes.metaworld.generate import make_env
+                envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
+            rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+            mean = float(np.mean([v["success"] for v in rep.per_task.values()]))
+            held_now = heldout_now()
+            shown.result = f"mean success {mean:.3f}" + (
+                f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
+        return rep, mean, held_now
+
     # ------------------------------------------------------------------ train
     model.train()
     with training_progress(cfg.train.steps, start) as progress, Preemption() as preemption:
@@ -362,15 +377,7 @@ def run(cfg: DictConfig) -> dict | None:
 
             # -------------------------------------------------- evaluate
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                with evaluation(f"evaluation at step {step}", len(tasks), ev) as shown:
-                    if envs is None:
-                        from recipes.metaworld.generate import make_env
-                        envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
-                    rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
-                    mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
-                    held_metrics = heldout_now()
-                    shown.result = f"mean success {mean_success:.3f}" + (
-                        f", held-out mse {held_metrics['eval/heldout_mse']:.4g}" if held_metrics else "")
+                rep, mean_success, held_metrics = evaluate_now(f"evaluation at step {step}")
                 kill_point(f"eval:{step}")
                 metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
                 metrics.update(held_metrics)
@@ -392,15 +399,7 @@ def run(cfg: DictConfig) -> dict | None:
     save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
                     generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
     kill_point("final_eval")
-    with evaluation(f"final evaluation after {cfg.train.steps} steps", len(tasks), ev) as shown:
-        if envs is None:
-            from recipes.metaworld.generate import make_env
-            envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
-        final = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
-        final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
-        final_held = heldout_now()
-        shown.result = f"mean success {final_mean:.3f}" + (
-            f", held-out mse {final_held['eval/heldout_mse']:.4g}" if final_held else "")
+    final, final_mean, final_held = evaluate_now(f"final evaluation after {cfg.train.steps} steps")
     if best is None or final_mean > best["mean_success"]:
         best = {"step": cfg.train.steps, "mean_success": final_mean, "per_task": final.per_task}
     log = MetricsLog(out / METRICS)

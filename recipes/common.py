@@ -142,24 +142,31 @@ def make_generator(seed: int, offset: int) -> torch.Generator:
 TASK_SAMPLING = ("round_robin", "uniform")
 
 
+def train_keys() -> list:
+    """``(key, check, expected)`` rows of the shared ``train.*`` keys (``maskmtl.config.check_keys``)."""
+    from maskmtl.config import is_int, is_number
+
+    return [
+        ("train.steps", is_int(1), "an integer >= 1"),
+        ("train.batch_size", is_int(1), "an integer >= 1"),
+        ("train.lr", is_number(0, lo_open=True), "a finite number > 0"),
+        ("train.weight_decay", is_number(0), "a finite number >= 0"),
+        ("train.betas", lambda v: len(v) == 2 and all(is_number(0, 1, hi_open=True)(b) for b in v),
+         "a list of two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        ("train.grad_clip", lambda v: v is None or is_number(0, lo_open=True)(v), "null or a finite number > 0"),
+        ("train.warmup_steps", is_int(0), "an integer >= 0"),
+        ("train.task_sampling", lambda v: v in TASK_SAMPLING, f"one of {TASK_SAMPLING}"),
+        ("train.log_every", is_int(1), "an integer >= 1"),
+        ("train.eval_every", is_int(0), "an integer >= 0 (0: never)"),
+        ("train.checkpoint_every", is_int(0), "an integer >= 0 (0: only at the end)"),
+    ]
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """Validate the shared ``train.*`` keys before anything is built."""
-    from maskmtl.config import require
+    """Validate the shared ``train.*`` keys before anything is built (every bad key listed at once)."""
+    from maskmtl.config import check_keys
 
-    is_int = lambda lo: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo)  # noqa: E731
-    require(cfg, "train.steps", is_int(1), "an integer >= 1")
-    require(cfg, "train.batch_size", is_int(1), "an integer >= 1")
-    require(cfg, "train.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
-    require(cfg, "train.weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
-    require(cfg, "train.task_sampling", lambda v: v in TASK_SAMPLING, f"one of {TASK_SAMPLING}")
-    require(cfg, "train.log_every", is_int(1), "an integer >= 1")
-    for key in ("train.eval_every", "train.checkpoint_every"):
-        require(cfg, key, is_int(0), "an integer >= 0 (0: never)")
-    clip = cfg.train.grad_clip
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-        from maskmtl.config import ConfigError
-
-        raise ConfigError(f"train.grad_clip={clip!r}: expected null or a number > 0")
+    check_keys(cfg, train_keys())
     if "gradient" in cfg.train:  # recipes whose loop offers gradient surgery (harmodt)
         check_gradient_config(cfg)
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from maskmtl.config import ConfigError, check_keys, is_bool, is_int, is_number
+from maskmtl.config import ConfigError, check_keys, is_bool, is_int
 from maskmtl.masks import remove_stale_temps
 from maskmtl.outputs import CHECKPOINT, RESULTS
 from recipes.common import RunDirError
@@ -66,15 +66,6 @@ def overridden_keys(overrides: list[str]) -> set[str]:
     return {key for _, key, _ in map(_override_parts, overrides) if not (CONF / key).is_dir()}
 
 
-def _all_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        out = []
-        for k, v in node.items():
-            out += [f"{prefix}{k}", *_all_keys(v, f"{prefix}{k}.")]
-        return out
-    return []
-
-
 def check_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, Any]) -> None:
     """Refuse overrides that would be silently ignored: keys added with ``+`` / ``++`` that no
     config declares, and recipe-specific groups the chosen recipe does not read."""
@@ -82,7 +73,7 @@ def check_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, An
         prefix, key, _ = _override_parts(text)
         if prefix not in ("+", "++") or (CONF / key.split("/")[0]).is_dir() or key.startswith("hydra"):
             continue
-        known = [k for k in _all_keys(OmegaConf.to_container(cfg, resolve=False)) if k != key]
+        known = [k for k in _flat(OmegaConf.to_container(cfg, resolve=False)) if k != key]
         near = difflib.get_close_matches(key, known, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise ConfigError(f"{text}: {key} is not a key of recipe={cfg.recipe_name}'s config, so nothing would "
@@ -114,26 +105,12 @@ def apply_smoke(cfg: DictConfig, overrides: list[str], module: Any) -> list[str]
 
 # ----------------------------------------------------------------------------------- values
 
-def _betas(v) -> bool:
-    return len(v) == 2 and all(is_number(0, 1, hi_open=True)(b) for b in v)
-
-
 SHARED_KEYS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", is_int(0, 2**32 - 1), "an integer in [0, 2^32)"),
     ("dry_run", is_bool, "true or false"),
     ("smoke", is_bool, "true or false"),
     ("device", lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N"),
     ("data_root", lambda v: isinstance(v, str) and v != "", "a folder path"),
-    ("train.steps", is_int(1), "an integer >= 1"),
-    ("train.batch_size", is_int(1), "an integer >= 1"),
-    ("train.lr", is_number(0, lo_open=True), "a finite number > 0"),
-    ("train.weight_decay", is_number(0), "a finite number >= 0"),
-    ("train.betas", _betas, "a list of two numbers in [0, 1), e.g. [0.9, 0.999]"),
-    ("train.grad_clip", lambda v: v is None or is_number(0, lo_open=True)(v), "null or a finite number > 0"),
-    ("train.warmup_steps", is_int(0), "an integer >= 0"),
-    ("train.log_every", is_int(1), "an integer >= 1"),
-    ("train.eval_every", is_int(0), "an integer >= 0 (0: never)"),
-    ("train.checkpoint_every", is_int(0), "an integer >= 0 (0: only at the end)"),
     ("masking.update_every", is_int(0), "an integer >= 0 (0: never)"),
     ("masking.grad_batches", is_int(1), "an integer >= 1"),
     ("grouping.warmup_steps", is_int(0), "an integer >= 0"),
@@ -155,22 +132,21 @@ def check_shared(cfg: DictConfig) -> None:
     """The keys every recipe shares, by type and range, then the ones that depend on each other,
     and the four plug-in groups built once (a bad option value fails here, not in the recipe)."""
     from maskmtl.config import build, choose_device
-    from recipes.common import check_train_config, resolve_threads
+    from recipes.common import check_gradient_config, resolve_threads, train_keys
 
-    check_keys(cfg, SHARED_KEYS + _masking_keys())
+    check_keys(cfg, SHARED_KEYS + train_keys() + _masking_keys())
     resolve_threads(cfg.get("threads"))
-    check_train_config(cfg)
+    if "gradient" in cfg.train:  # recipes whose loop offers gradient surgery (harmodt)
+        check_gradient_config(cfg)
     choose_device(cfg.device)
     steps, every = int(cfg.train.steps), int(cfg.masking.update_every)
     for group in ("initializer", "scorer", "grouper"):
         build(cfg[group], group)
     scheduler = build(cfg.scheduler, "scheduler", total_steps=steps)
-    if every > steps and not cfg.dry_run:
-        moves = scheduler.max_alpha() > 0
-        if moves:
-            raise ConfigError(f"masking.update_every={every} > train.steps={steps}: no mask update would run, yet "
-                              f"scheduler={OmegaConf.select(cfg, 'scheduler._target_')} would swap entries; set "
-                              f"masking.update_every <= train.steps, or 0 (never) with scheduler=frozen")
+    if every > steps and not cfg.dry_run and scheduler.max_alpha() > 0:
+        raise ConfigError(f"masking.update_every={every} > train.steps={steps}: no mask update would run, yet "
+                          f"scheduler={OmegaConf.select(cfg, 'scheduler._target_')} would swap entries; set "
+                          f"masking.update_every <= train.steps, or 0 (never) with scheduler=frozen")
 
 
 # ----------------------------------------------------------------------------------- run folder

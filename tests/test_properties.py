@@ -11,16 +11,23 @@ from hypothesis import strategies as st
 from maskmtl import MaskedAdamW, MaskSet, RandomScorer, swap
 
 
-@settings(max_examples=2000, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 4), n_a=st.integers(2, 30),
-       n_b=st.integers(1, 12), ties=st.booleans(), frac=st.floats(0.05, 0.95))
-def test_random_swaps_keep_invariants(seed, groups, n_a, n_b, ties, frac):
+def random_masks(seed: int, groups: int, n_a: int, n_b: int, frac: float):
+    """Two targets' random masks ``[G, n_a]`` and ``[G, n_b, 2]`` of density ~``frac``, their flat
+    ``[G, n]`` view, active counts per group and an α that every group can swap both ways."""
     g = torch.Generator().manual_seed(seed)
     masks = {"a": torch.rand(groups, n_a, generator=g) < frac, "b": torch.rand(groups, n_b, 2, generator=g) < frac}
     flat = torch.cat([masks["a"].reshape(groups, -1), masks["b"].reshape(groups, -1)], 1)
     active = flat.sum(1)
     limit = int(torch.minimum(active, flat.shape[1] - active).min())
     alpha = int(torch.randint(0, limit + 1, (1,), generator=g)) if limit > 0 else 0
+    return g, masks, flat, active, alpha
+
+
+@settings(max_examples=2000, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 4), n_a=st.integers(2, 30),
+       n_b=st.integers(1, 12), ties=st.booleans(), frac=st.floats(0.05, 0.95))
+def test_random_swaps_keep_invariants(seed, groups, n_a, n_b, ties, frac):
+    g, masks, flat, active, alpha = random_masks(seed, groups, n_a, n_b, frac)
 
     def scores(shape):
         s = torch.randn(shape, generator=g)
@@ -105,12 +112,7 @@ def test_random_structured_swaps_keep_invariants_per_structure(seed, groups, n_s
 def test_random_scorer_swaps_keep_invariants(seed, step, groups, n_a, n_b, frac):
     """scorer=random: exact density per group, drop ⊆ active, recover ⊆ inactive (so an entry
     dropped now is not recovered now), exactly α each way, and the same draw for the same step."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {"a": torch.rand(groups, n_a, generator=g) < frac, "b": torch.rand(groups, n_b, 2, generator=g) < frac}
-    flat = torch.cat([masks["a"].reshape(groups, -1), masks["b"].reshape(groups, -1)], 1)
-    active = flat.sum(1)
-    limit = int(torch.minimum(active, flat.shape[1] - active).min())
-    alpha = int(torch.randint(0, limit + 1, (1,), generator=g)) if limit > 0 else 0
+    g, masks, flat, active, alpha = random_masks(seed, groups, n_a, n_b, frac)
     scorer = RandomScorer(seed=seed % 1000)
     scorer.begin_update(step)
     grads = type("G", (), {"dense": {k: torch.zeros(v.shape) for k, v in masks.items()}})()

@@ -516,14 +516,16 @@ class training_progress(phase):
         return metrics
 
 
-def evaluation(description: str, n_tasks: int, ev: Mapping[str, Any] | None = None) -> phase:
+def evaluation(description: str, n_tasks: int, ev: Any = None) -> phase:
     """The phase of one evaluation; set its ``result`` (e.g. the mean success) for the end line.
-    ``ev``: a Meta-World recipe's ``eval`` settings, described in the start line."""
+    ``ev``: a Meta-World recipe's ``eval`` settings (an ``EvalSpec`` or a mapping), described in the
+    start line."""
     detail = f"{n_tasks} tasks"
     if ev is not None:
-        n = int(ev["episodes"])
-        detail += (f" x {n} episode{'s' if n != 1 else ''}, {ev['parallel']} at a time per task, up to "
-                   f"{ev['max_steps']} steps each")
+        get = ev.get if isinstance(ev, Mapping) else lambda key: getattr(ev, key)  # a mapping or an EvalSpec
+        n = int(get("episodes"))
+        detail += (f" x {n} episode{'s' if n != 1 else ''}, {get('parallel')} at a time per task, up to "
+                   f"{get('max_steps')} steps each")
     return phase(description, detail=detail)
 
 

@@ -154,8 +154,9 @@ class AgnosticRouter:
 def evaluate_agnostic(model, *, masks, gate, routing: Routing, probe_params: str, voting_thresh: float,
                       prompts: tuple | None, task_ids: bool, blind: str, probe_steps: int, gn: int, envs: list[list],
                       tasks: Sequence[str], state_mean: np.ndarray, state_std: np.ndarray, reward_scale: float,
-                      context: int, ev: Mapping) -> tuple[EvalReport, list[dict]]:
-    """``ev["episodes"]`` task-agnostic episodes of every task, ``ev["parallel"]`` at a time per task.
+                      context: int, ev) -> tuple[EvalReport, list[dict]]:
+    """``ev.episodes`` task-agnostic episodes of every task, ``ev.parallel`` at a time per task
+    (``ev``: the ``EvalSpec``).
 
     Args:
         masks: the ``MaskSet`` (groups); all-ones masks make every row the dense model.
@@ -177,16 +178,16 @@ def evaluate_agnostic(model, *, masks, gate, routing: Routing, probe_params: str
     was_training = model.training
     model.eval()
     report, predictions = EvalReport([]), []
-    n = ev["parallel"]
-    for first in range(0, ev["episodes"], n):
-        episodes = list(range(first, min(first + n, ev["episodes"])))
+    n = ev.parallel
+    for first in range(0, ev.episodes, n):
+        episodes = list(range(first, min(first + n, ev.episodes)))
         policy = RoutedPolicy(model, [probe, *groups], prompts, task_ids, (n_tasks, len(episodes)))
         router = AgnosticRouter(policy, gate, routing, probe_steps=probe_steps, gn=gn, n_tasks=n_tasks, blind=blind,
-                                seed=ev["seed"], task_index=rows, episode_ids=episodes)
-        part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, rows, episodes, seed=ev["seed"],
+                                seed=ev.seed, task_index=rows, episode_ids=episodes)
+        part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, rows, episodes, seed=ev.seed,
                         state_mean=state_mean, state_std=state_std,
                         rtg_target=np.full(n_tasks, routing.pooled_rtg), reward_scale=reward_scale, context=context,
-                        max_steps=ev["max_steps"], stop_on_success=ev["stop_on_success"], on_step=router)
+                        max_steps=ev.max_steps, stop_on_success=ev.stop_on_success, on_step=router)
         for i in range(n_tasks):
             for j, e in enumerate(episodes):
                 predictions.append({"task": tasks[i], "episode": e, "label": int(router.predicted[i, j])})

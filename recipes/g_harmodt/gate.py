@@ -29,6 +29,33 @@ from recipes.metaworld.storage import OfflineDataset
 WINDOWS = ("probe", "any")
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """The ``gate.*`` keys (conf/method/*.yaml of the g_harmodt recipe), read once and checked before
+    (``recipes.g_harmodt.train.check_gate_config``)."""
+
+    target: str              # group | task | none
+    schedule: str            # after | simultaneous
+    probe_params: str
+    blind: str
+    window: str
+    transitions: int         # gn
+    probe_steps: int
+    steps: int
+    batch_size: int
+    hidden: int
+    heldout_episodes: int
+    lr: float
+    voting_thresh: float
+
+    @classmethod
+    def from_config(cls, gate) -> "GateSpec":
+        from omegaconf import OmegaConf
+
+        g = OmegaConf.to_container(gate, resolve=True)
+        return cls(**{k: g[k] for k in cls.__dataclass_fields__})
+
+
 class GateNet(nn.Module):
     """MLP ``in_dim → hidden → hidden → n_out`` (3 linear layers, ReLU between them)."""
 

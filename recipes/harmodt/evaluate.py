@@ -28,6 +28,38 @@ from maskmtl import MaskSet
 from recipes.common import phase
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """The ``eval.*`` keys of the Meta-World recipes, read once (checked by the recipes' ``check_config``).
+
+    episodes / parallel: episodes per task, and how many of them step together; max_steps: the
+    episode length; stop_on_success: an env stops at its first success; rtg_quantile: the
+    return-to-go target, a quantile of the data returns; seed: the evaluation goals;
+    heldout_batches: batches of held-out segments per task for the held-out loss (0: none);
+    voting_threshold: the voting mask of unseen tasks; task_provided: G-HarmoDT's final
+    evaluation with the task id, for reference."""
+
+    episodes: int
+    parallel: int
+    max_steps: int
+    stop_on_success: bool
+    rtg_quantile: float
+    seed: int
+    heldout_batches: int = 0
+    voting_threshold: float | None = None
+    task_provided: bool = False
+
+    @classmethod
+    def from_config(cls, ev) -> "EvalSpec":
+        from omegaconf import OmegaConf
+
+        e = OmegaConf.to_container(ev, resolve=True)
+        return cls(episodes=int(e["episodes"]), parallel=int(e["parallel"]), max_steps=int(e["max_steps"]),
+                   stop_on_success=bool(e["stop_on_success"]), rtg_quantile=e["rtg_quantile"], seed=int(e["seed"]),
+                   heldout_batches=int(e.get("heldout_batches") or 0), voting_threshold=e.get("voting_threshold"),
+                   task_provided=bool(e.get("task_provided", False)))
+
+
 @dataclass
 class EpisodeResult:
     task: str

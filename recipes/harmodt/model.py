@@ -18,9 +18,33 @@ per-task masked parameters on CPU, where scaled_dot_product_attention has no bat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The ``model.*`` keys: sizes, and what conditions the policy (a prompt, a task-id embedding)."""
+
+    d_model: int
+    n_layer: int
+    n_head: int
+    dropout: float
+    prompt: bool
+    task_id: bool
+
+    @classmethod
+    def from_config(cls, m) -> "ModelSpec":
+        return cls(d_model=int(m.d_model), n_layer=int(m.n_layer), n_head=int(m.n_head), dropout=float(m.dropout),
+                   prompt=bool(m.prompt), task_id=bool(m.task_id))
+
+    def build(self, obs_dim: int, act_dim: int, max_ep_len: int, n_tasks: int) -> "PromptDT":
+        """The Prompt-DT of these sizes (a task embedding of ``n_tasks`` rows when ``task_id``)."""
+        return PromptDT(obs_dim, act_dim, d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head,
+                        dropout=self.dropout, use_prompt=self.prompt, max_ep_len=max_ep_len,
+                        n_tasks=n_tasks if self.task_id else 0)
 
 
 class CausalSelfAttention(nn.Module):

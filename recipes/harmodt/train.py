@@ -12,22 +12,19 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from maskmtl import MaskedAdamW, MaskedModel, MaskSet, save_checkpoint, save_masks
+from maskmtl import MaskedModel, MaskSet
 from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
-from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
-from maskmtl.structures import print_structure_report
-from maskmtl.targets import print_target_report, target_report_rows
-from recipes.common import (Preemption, evaluation, kill_point, make_generator, metrics_rows, multi_task_step,
-                            next_task, plot_curves, plot_masks, print_table, restore_run, start_run,
-                            training_progress, write_results)
-from recipes.harmodt.evaluate import HELDOUT_BATCH, EvalReport, GridPolicy, heldout_batches, heldout_mse, run_grid
-from recipes.harmodt.model import PromptDT
+from recipes.common import evaluation, make_generator, multi_task_step, print_table
+from recipes.harmodt.evaluate import (HELDOUT_BATCH, EvalReport, EvalSpec, GridPolicy, heldout_batches, heldout_mse,
+                                      run_grid)
+from recipes.harmodt.model import ModelSpec, PromptDT
+from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
 from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
                                          smoke_data_overrides, unseen_tasks)
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
@@ -104,19 +101,13 @@ def segment_batches(sampler: SegmentSampler, batch_size: int, grad_batches: int,
     return batch_for, score_batches
 
 
-def warmup_lr(train: DictConfig, step: int) -> float:
-    """Linear warm-up over ``train.warmup_steps``, then constant ``train.lr`` (spec §8)."""
-    return train.lr * min(1.0, step / max(1, train.warmup_steps))
+def evaluate(ev: EvalSpec, model, masking: Masking, sampler: SegmentSampler, rtg_target: np.ndarray,
+             envs: list[list], device, *, prompt: bool, task_ids: bool) -> EvalReport:
+    """``ev.episodes`` episodes of every task, ``ev.parallel`` at a time per task."""
+    return play(ev, model, masking.masks, sampler, rtg_target, envs, prompt=prompt, task_ids=task_ids, device=device)
 
 
-def evaluate(cfg: DictConfig, ev: dict, model, masking: Masking, sampler: SegmentSampler,
-             rtg_target: np.ndarray, envs: list[list], device) -> EvalReport:
-    """``ev["episodes"]`` episodes of every task, ``ev["parallel"]`` at a time per task."""
-    return play(ev, model, masking.masks, sampler, rtg_target, envs, prompt=cfg.model.prompt,
-                task_ids=cfg.model.task_id, device=device)
-
-
-def play(ev: dict, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: np.ndarray, envs: list[list], *,
+def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: np.ndarray, envs: list[list], *,
          prompt: bool, task_ids: bool, device, seed_offset: int = 0) -> EvalReport:
     """Evaluate ``model`` under ``masks`` (one row per task of ``sampler``): prompts, state statistics and
     reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode)."""
@@ -132,14 +123,14 @@ def play(ev: dict, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: n
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
     policy = GridPolicy(model, rows, None if dense else masks, prompts, task_ids=task_ids)
     report = EvalReport([])
-    n = ev["parallel"]
-    for first in range(0, ev["episodes"], n):
-        episodes = list(range(first, min(first + n, ev["episodes"])))
+    n = ev.parallel
+    for first in range(0, ev.episodes, n):
+        episodes = list(range(first, min(first + n, ev.episodes)))
         part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, [seed_offset + r for r in rows],
-                        episodes, seed=ev["seed"], state_mean=sampler.state_mean, state_std=sampler.state_std,
+                        episodes, seed=ev.seed, state_mean=sampler.state_mean, state_std=sampler.state_std,
                         rtg_target=rtg_target, reward_scale=sampler.config.reward_scale,
-                        context=sampler.config.context, max_steps=ev["max_steps"],
-                        stop_on_success=ev["stop_on_success"])
+                        context=sampler.config.context, max_steps=ev.max_steps,
+                        stop_on_success=ev.stop_on_success)
         report.episodes += part.episodes
         report.policy_s += part.policy_s
         report.sim_s += part.sim_s
@@ -148,22 +139,33 @@ def play(ev: dict, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: n
     return report.summarise()
 
 
-def evaluate_unseen(cfg: DictConfig, ev: dict, model, masks: MaskSet, demos: OfflineDataset,
-                    sampling: SamplingConfig, n_train_tasks: int, device) -> tuple[EvalReport, float]:
+def make_envs(tasks: list[str], ev: EvalSpec) -> list[list]:
+    """``ev.parallel`` Meta-World environments of each task (goals from ``ev.seed``)."""
+    from recipes.metaworld.generate import make_env
+
+    return [[make_env(t, ev.seed) for _ in range(ev.parallel)] for t in tasks]
+
+
+def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, sampling: SamplingConfig,
+                    n_train_tasks: int, device, *, prompt: bool) -> tuple[EvalReport, float]:
     """Spec §6: the tasks of ``demos`` were never trained on. Every one of them acts with the voting
     mask of the training tasks' masks (all ones for dense methods). Its prompt, per-task state
     statistics and return-to-go target come from its prompt demonstrations alone. Returns the report
     and the voting mask's density."""
-    from recipes.metaworld.generate import make_env
-
-    vote = masks.voting_mask(float(cfg.eval.voting_threshold))
+    vote = masks.voting_mask(float(ev.voting_threshold))
     unseen = MaskSet({n: v[None] for n, v in vote.items()}, demos.tasks, [0] * len(demos.tasks))
     sampler = SegmentSampler(OfflineDataset(list(demos.tasks), dict(demos.data), demos), sampling)
-    rtg = np.array([np.quantile(demos[t].episode_returns(), cfg.eval.rtg_quantile) for t in demos.tasks])
-    envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in demos.tasks]
-    report = play(ev, model, unseen, sampler, rtg, envs, prompt=cfg.model.prompt, task_ids=False, device=device,
-                  seed_offset=n_train_tasks)
+    rtg = np.array([np.quantile(demos[t].episode_returns(), ev.rtg_quantile) for t in demos.tasks])
+    report = play(ev, model, unseen, sampler, rtg, make_envs(list(demos.tasks), ev), prompt=prompt, task_ids=False,
+                  device=device, seed_offset=n_train_tasks)
     return report, float(unseen.density().mean())
+
+
+def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig, ev: EvalSpec, device) -> PromptDT:
+    """The recipes' Prompt-DT for ``dataset`` (timestep embedding long enough for the data's and the
+    evaluation's episodes)."""
+    max_ep_len = max(int(data_node.get("episode_length", 500)), ev.max_steps)
+    return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks)).to(device)
 
 
 def initial_masks(masking: Masking) -> MaskSet:
@@ -273,140 +275,65 @@ def check_config(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
-    t_start, device, out = start_run(cfg)
+    ctx = RunContext.start(cfg)
     check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
-    data_node, ev, m = cfg.data, dict(cfg.eval), dict(cfg.model)
-    unseen = unseen_tasks(data_node)
-    dataset = ensure_dataset(data_node, cfg.data_root)
-    sampler = SegmentSampler(dataset, SamplingConfig.from_config(data_node.get("sampling")))
+    train, ev, spec, device = (TrainSpec.from_config(cfg.train), EvalSpec.from_config(cfg.eval),
+                               ModelSpec.from_config(cfg.model), ctx.device)
+    unseen = unseen_tasks(cfg.data)
+    dataset = ensure_dataset(cfg.data, cfg.data_root)
+    sampler = SegmentSampler(dataset, SamplingConfig.from_config(cfg.data.get("sampling")))
     tasks = list(dataset.tasks)
-    if m["prompt"] and sampler.config.prompt_length < 1:
-        raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
-    unseen_demos = ensure_demos(data_node, cfg.data_root, unseen) if unseen else None
+    unseen_demos = ensure_demos(cfg.data, cfg.data_root, unseen) if unseen else None
     # return-to-go target per task: a quantile of that task's episode returns (experts differ widely)
-    rtg_target = np.array([np.quantile(dataset[t].episode_returns(), cfg.eval.rtg_quantile) for t in tasks])
-    model = PromptDT(dataset.obs_dim, dataset.act_dim, d_model=m["d_model"], n_layer=m["n_layer"],
-                     n_head=m["n_head"], dropout=m["dropout"], use_prompt=m["prompt"],
-                     max_ep_len=max(int(data_node.get("episode_length", 500)), ev["max_steps"]),
-                     n_tasks=len(tasks) if m["task_id"] else 0).to(device)
+    rtg_target = np.array([np.quantile(dataset[t].episode_returns(), ev.rtg_quantile) for t in tasks])
+    model = build_model(spec, dataset, cfg.data, ev, device)
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1),
-                      example_inputs=example_inputs(sampler, m, device))
-    masks = masking.masks
-    n_heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
-    held = heldout_batches(sampler, n_heldout, device) if n_heldout else None  # drawn once, fixed generators
+                      example_inputs=example_inputs(sampler, asdict(spec), device))
+    held = heldout_batches(sampler, ev.heldout_batches, device) if ev.heldout_batches else None  # fixed generators
     multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
-    print_target_report(target_report_rows(model, masking.targets, masks.as_dict()))
-    if masking.structures is not None:
-        print_structure_report(masking.structures)
-    if cfg.dry_run:
+    report_masking(model, masking)
+    if ctx.dry_run:
         return None
-    if masking.needs_grouping:
-        raise ConfigError("grouper: the harmodt recipe trains one mask per task (grouper=none); "
-                          "grouped masks are the g_harmodt recipe's")
-    optimizer = MaskedAdamW(model.named_parameters(), masks, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay)
-    loss_fn = make_loss_fn(m["prompt"], m["task_id"])
+    loss_fn = make_loss_fn(spec.prompt, spec.task_id)
     gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
     rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
-    start, extra, ckpt = restore_run(out, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                                     numpy_rngs=rngs, device=device, updater=masking.updater)
-    wall_before, best = extra.get("wall_time_s", 0.0), extra.get("best")
-    initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after restore: its copy
-    log = MetricsLog(out / METRICS, resume_step=start)  # start: the checkpoint's step, 0 for a fresh start
-    envs = None  # built at the first evaluation, reused after
-
-    batch_for, score_batches = segment_batches(sampler, cfg.train.batch_size, cfg.masking.grad_batches,
-                                               rngs["scores"], device)
-
-    def extra_state():
-        return {"wall_time_s": wall_before + time.perf_counter() - t_start, "best": best,
-                "updater": masking.updater.state_dict(),
-                "numpy_rngs": {k: r.bit_generator.state for k, r in rngs.items()}}
-
-    def lr_at(step: int) -> float:
-        return warmup_lr(cfg.train, step)
-
-    def heldout_now() -> dict:
-        """The held-out metrics now (none without eval.heldout_batches)."""
-        if held is None:
-            return {}
-        return heldout_metrics(tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
+    batch_for, score_batches = segment_batches(sampler, train.batch_size, cfg.masking.grad_batches, rngs["scores"],
+                                               device)
+    envs, initial = [], None  # envs built at the first evaluation; initial masks after the restore
 
     def evaluate_now(label: str) -> tuple[EvalReport, float, dict]:
-        """One evaluation of every task (envs built at the first, reused after), its mean success
-        and the held-out metrics."""
-        nonlocal envs
+        """One evaluation of every task, its mean success and the held-out metrics (none without
+        eval.heldout_batches)."""
         with evaluation(label, len(tasks), ev) as shown:
-            if envs is None:
-                from recipes.metaworld.generate import make_env
-                envs = [[make_env(t, ev["seed"]) for _ in range(ev["parallel"])] for t in tasks]
-            rep = evaluate(cfg, ev, model, masking, sampler, rtg_target, envs, device)
+            envs[:] = envs or make_envs(tasks, ev)
+            rep = evaluate(ev, model, masking, sampler, rtg_target, envs, device, prompt=spec.prompt,
+                           task_ids=spec.task_id)
             mean = float(np.mean([v["success"] for v in rep.per_task.values()]))
-            held_now = heldout_now()
+            held_now = {} if held is None else heldout_metrics(
+                tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
             shown.result = f"mean success {mean:.3f}" + (
                 f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
         return rep, mean, held_now
 
-    # ------------------------------------------------------------------ train
-    model.train()
-    with training_progress(cfg.train.steps, start) as progress, Preemption() as preemption:
-        for step in range(start + 1, cfg.train.steps + 1):
-            for pg in optimizer.param_groups:
-                pg["lr"] = lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            if multi is None:  # train.gradient=plain: one task's batch per step
-                task = next_task(step, len(tasks), cfg.train.task_sampling, gens["tasks"])
-                loss = loss_fn(masking.model.bind(task), task, batch_for(task, rngs["data"]))
-                loss.backward()
-            else:  # a batch from each of the step's tasks, their gradients combined into .grad (mean, PCGrad, CAGrad)
-                task = None
-                loss = multi.backward(step, gens["tasks"],
-                                      lambda t: loss_fn(masking.model.bind(t), t, batch_for(t, rngs["data"])))
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step(group=None if task is None else masks.group_of(task))  # None: dense step (masks all-ones)
-            metrics = {}
+    def evaluate_at(step: int) -> Evaluation:
+        rep, mean, held_now = evaluate_now(f"evaluation at step {step}")
+        metrics = ({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()} | held_now
+                   | {"eval/mean_success": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
+        return Evaluation(metrics, mean, rep.per_task)
 
-            # -------------------------------------------------- mask update (Algorithm 2)
-            if masking.updater.due(step):
-                metrics.update(progress.mask_update(step, masking.updater.update(step, model, masks, loss_fn,
-                                                                                 score_batches, optimizer)))
+    loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn,
+                     batch_for=lambda task: batch_for(task, rngs["data"]), score_batches=score_batches,
+                     generators=gens, numpy_rngs=rngs, multi=multi, evaluate=evaluate_at)
+    loop.restore()
+    initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after the restore
 
-            if step % cfg.train.log_every == 0:
-                metrics.update({"train/loss": loss.item(), "train/lr": lr_at(step), **(multi.surgery.last if multi else {})})
-
-            # -------------------------------------------------- evaluate
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                rep, mean_success, held_metrics = evaluate_now(f"evaluation at step {step}")
-                kill_point(f"eval:{step}")
-                metrics.update({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()})
-                metrics.update(held_metrics)
-                metrics.update({"eval/mean_success": mean_success, "time/eval_policy_s": rep.policy_s,
-                                "time/eval_sim_s": rep.sim_s})
-                if best is None or mean_success > best["mean_success"]:
-                    best = {"step": step, "mean_success": mean_success, "per_task": rep.per_task}
-            if metrics:
-                log.log(step, metrics)
-            preemption.checkpoint(step, cfg.train.steps, cfg.train.checkpoint_every, lambda: save_checkpoint(
-                out / CHECKPOINT, step=step, model=model, masks=masks, optimizer=optimizer, generators=gens,
-                extra=extra_state()), out / CHECKPOINT)
-            progress.advance(loss=loss.item())
-            kill_point(step)
-
-    # ------------------------------------------------------------------ finish
-    log.close()
-    # the trained state first: a run stopped from here on resumes at the final evaluation
-    save_checkpoint(out / CHECKPOINT, step=cfg.train.steps, model=model, masks=masks, optimizer=optimizer,
-                    generators=gens, extra=extra_state() | {"metrics_rows": metrics_rows(out / METRICS)})
-    kill_point("final_eval")
-    final, final_mean, final_held = evaluate_now(f"final evaluation after {cfg.train.steps} steps")
-    if best is None or final_mean > best["mean_success"]:
-        best = {"step": cfg.train.steps, "mean_success": final_mean, "per_task": final.per_task}
-    log = MetricsLog(out / METRICS)
-    log.log(cfg.train.steps, {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
-            | {"eval/mean_success": final_mean} | final_held)
-    log.close()
-    save_masks(masks, out / MASKS)
+    # ------------------------------------------------------------------ train, evaluate, finish
+    loop.train()
+    final, final_mean, final_held = evaluate_now(f"final evaluation after {train.steps} steps")
+    loop.keep_best(train.steps, final_mean, final.per_task)
+    loop.log(train.steps, {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
+             | {"eval/mean_success": final_mean} | final_held)
+    best = loop.best
     per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
                 for t, v in final.per_task.items()}
     heldout_result = None
@@ -414,32 +341,25 @@ def run(cfg: DictConfig) -> dict | None:
         for t in tasks:
             per_task[t]["heldout_mse"] = final_held[f"eval/{t}/heldout_mse"]
         heldout_result = {"mse": final_held["eval/heldout_mse"], "mse_init": final_held["eval/heldout_mse_init"],
-                          "mse_neighbour": final_held["eval/heldout_mse_neighbour"], "batches_per_task": n_heldout,
-                          "batch_size": HELDOUT_BATCH}
-    print_table(f"harmodt ({cfg.method_name}): success after {cfg.train.steps} steps "
-                f"(best = the evaluation with the highest mean success)", per_task)
-    unseen_result = None
+                          "mse_neighbour": final_held["eval/heldout_mse_neighbour"],
+                          "batches_per_task": ev.heldout_batches, "batch_size": HELDOUT_BATCH}
+    unseen_result, reports = None, ()
     if unseen_demos is not None:
         with evaluation("evaluation of the unseen tasks", len(unseen_demos.tasks), ev):
-            rep, vote_density = evaluate_unseen(cfg, ev, model, masks, unseen_demos, sampler.config, len(tasks), device)
-        unseen_result = {"tasks": list(unseen_demos.tasks), "voting_threshold": float(cfg.eval.voting_threshold),
+            rep, vote_density = evaluate_unseen(ev, model, masking.masks, unseen_demos, sampler.config, len(tasks),
+                                                device, prompt=spec.prompt)
+        unseen_result = {"tasks": list(unseen_demos.tasks), "voting_threshold": float(ev.voting_threshold),
                          "voting_density": vote_density, "per_task": rep.per_task,
                          "mean_success": float(np.mean([v["success"] for v in rep.per_task.values()])),
                          "episodes": [e.__dict__ for e in rep.episodes]}
-        print_table(f"unseen tasks (voting mask, threshold {cfg.eval.voting_threshold}, density {vote_density:.3f}): "
-                    f"mean success {unseen_result['mean_success']:.3f}",
-                    {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()})
-    # figures first: results.json marks the run finished, so a kill before it leaves a run that resumes
-    plot_curves(out / METRICS, out / "curves.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}")
-    plot_masks(masks, out / "masks.png", title=f"harmodt {cfg.method_name} seed {cfg.seed}", seed=cfg.seed)
-    kill_point("results")
-    results = write_results(
-        out, cfg, tasks=tasks, per_task=per_task, headline="success", steps=cfg.train.steps,
-        wall_time_s=extra_state()["wall_time_s"],
+        unseen_table = {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()}
+        reports = (lambda: print_table(f"unseen tasks (voting mask, threshold {ev.voting_threshold}, density "
+                                     f"{vote_density:.3f}): mean success {unseen_result['mean_success']:.3f}",
+                                     unseen_table),)
+    return loop.finish(
+        cfg, per_task=per_task, headline="success", reports=reports, title=f"harmodt {cfg.method_name} seed {cfg.seed}",
+        table=f"harmodt ({cfg.method_name}): success after {train.steps} steps "
+              f"(best = the evaluation with the highest mean success)",
         extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, rtg_target.tolist())),
-               "episodes": [e.__dict__ for e in final.episodes], "density": masks.density().tolist(),
-               "resumed_from": start if ckpt is not None else None, "unseen": unseen_result,
-               "heldout": heldout_result},
-    )
-    print(f"results: {out / 'results.json'}")
-    return results
+               "episodes": [e.__dict__ for e in final.episodes], "density": masking.masks.density().tolist(),
+               "resumed_from": loop.resumed_from, "unseen": unseen_result, "heldout": heldout_result})

@@ -1,6 +1,37 @@
 """maskmtl: per-task (or per-group) binary masks over one shared network, learned during training.
 
 Extension points (``maskmtl.interfaces``): Scorer, Scheduler, Initializer, Grouper.
+
+Layout, in the order of the lifecycle init -> masked step -> score -> swap -> save/export:
+
+init
+    ``targets``       which parameters carry masks (``select_targets``) and the target report
+    ``initializers``  per-target densities (dense, random, ERK) and masks with exact counts per group
+    ``masks``         ``MaskSet``, the masks as state (tasks, task -> group map); masks.safetensors
+masked step
+    ``apply``         ``MaskedModel`` (the forward sees θ⊙M) and ``MaskedAdamW`` (the step gated by M)
+score
+    ``gradients``     per-task masked and recovery gradients (``estimate_gradients``), ``harmony``
+    ``scorers``       drop and recovery scores: agreement, magnitude, Fisher, random
+swap
+    ``schedulers``    α_t, the entries each group swaps at step t
+    ``selection``     ``swap`` and ``masks_from_scores``: pure functions of masks and scores
+    ``update``        ``MaskUpdater`` (gradients -> scores -> α_t -> swap -> optimizer state),
+                      ``check_schedule``, G-HarmoDT's ``group_tasks``, ``swap_diagnostics``
+save / export
+    ``checkpoint``    resumable training checkpoints (model, masks, optimizer, step, RNG states)
+    ``outputs``       a run folder's results.json and metrics.jsonl
+    ``export``        a task's (group's, voting) structured mask as a smaller dense model
+alongside
+    ``interfaces``    the Protocols of the four extension points
+    ``config``        builds the plug-ins from config (``build``, ``Masking``) and checks its values
+    ``structures``    structured masks (units, attention heads): ``StructureMap``, the structure
+                      twins of initialisation, score aggregation and the swap
+    ``groupers``      clustering tasks into mask groups (G-HarmoDT, used by ``group_tasks``)
+    ``surgery``       gradient surgery (PCGrad, CAGrad) for the dense MTDT baselines; no masks
+
+``selection`` imports no other module of the package; ``structures`` imports ``selection``;
+``update`` imports both.
 """
 
 from .apply import MaskedAdamW, MaskedModel

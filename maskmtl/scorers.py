@@ -189,7 +189,7 @@ class RandomScorer:
     ``(seed, step, group, kind)`` only (``kind``: drop or recovery). The swap keeps the α_t lowest
     among active entries and the α_t highest among inactive ones, so the dropped set is a uniform
     random α_t-subset of the active entries and the recovered set one of the inactive entries,
-    chosen independently; every swap invariant is the swap's own (``maskmtl.update.swap``). No
+    chosen independently; every swap invariant is the swap's own (``maskmtl.selection.swap``). No
     state is kept between updates: a killed and resumed run draws the same entries as an
     uninterrupted one, with nothing to checkpoint. The mask update tells the scorer its step
     (``begin_update``); called outside a mask update (G-HarmoDT's grouping, a direct call) it

@@ -10,7 +10,7 @@ Everything the element path does has a structure twin here, built on the same fu
 
 * scores: a scorer's element scores ``[G, *P]`` are aggregated per structure (``sum`` or ``mean``
   over its entries) into ``[G, S]``;
-* swap and ``masks_from_scores``: ``maskmtl.update.swap`` / ``masks_from_scores`` run on the
+* swap and ``masks_from_scores``: ``maskmtl.selection.swap`` / ``masks_from_scores`` run on the
   ``[G, S]`` structure masks (one flat "target" of S entries), so their invariants (exact counts,
   disjointness, density unchanged) hold per structure, then the result is expanded to entries;
 * initialisation: the initializer's densities over *structure families* (all units of one layer,
@@ -51,6 +51,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .selection import SwapResult, masks_from_scores, swap
 
 GRANULARITIES = ("element", "unit", "head")
 REDUCTIONS = ("mean", "sum")
@@ -207,13 +209,11 @@ class StructureMap:
 
     def swap(self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
              grow_scores: Mapping[str, torch.Tensor], alpha: int, unused: Mapping[str, torch.Tensor] | None = None):
-        """``maskmtl.update.swap`` over structures: drop the ``alpha`` active structures of
+        """``maskmtl.selection.swap`` over structures: drop the ``alpha`` active structures of
         lowest aggregated drop score and recover the ``alpha`` inactive ones of highest aggregated
         grow score, per group. ``alpha`` counts structures. Returns a ``SwapResult`` in entries.
         ``unused`` (entries no task of the group uses): structures all of whose entries are
         unused are dropped first and recovered last."""
-        from .update import SwapResult, swap
-
         sm = self.to_structures(masks)
         res = swap({"structures": sm}, {"structures": self.aggregate(drop_scores)},
                    {"structures": self.aggregate(grow_scores)}, alpha, unused=self._unused(unused))
@@ -225,8 +225,6 @@ class StructureMap:
                           unused: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per group, keep the ``round(density · S)`` structures of highest aggregated score
         (structures all of whose entries are ``unused`` last)."""
-        from .update import masks_from_scores
-
         kept = masks_from_scores({"structures": self.aggregate(scores)}, density,
                                  unused=self._unused(unused))["structures"]
         return self.to_elements(kept)

@@ -17,15 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name -> "module:function"; the function takes the parsed extra options (dict) and returns a dict.
 BENCHMARKS = {
-    "masked-step": "recipes.harmodt.bench:masked_step",      # the Prompt-DT (issue 7's model)
-    "mask-update": "recipes.harmodt.bench:mask_update",      # the Prompt-DT, 50 tasks
-    "masked-step-generic": "maskmtl.bench:masked_step",      # a generic transformer, core only
-    "mask-update-generic": "maskmtl.bench:mask_update",
-    "score-stability": "recipes.digits.bench:score_stability",
-    "sampler": "recipes.metaworld.bench:sampler",
-    "eval": "recipes.harmodt.bench:eval",
-    "surgery-step": "recipes.harmodt.bench:surgery_step",  # MTDT + mean / PCGrad / CAGrad vs an MTDT step
-    "export": "recipes.harmodt.bench:export",               # pruned per-task Prompt-DT vs masked full model
+    "masked-step": "benchmarks.harmodt:masked_step",      # the Prompt-DT (issue 7's model)
+    "mask-update": "benchmarks.harmodt:mask_update",      # the Prompt-DT, 50 tasks
+    "masked-step-generic": "benchmarks.core:masked_step",  # a generic transformer, core only
+    "mask-update-generic": "benchmarks.core:mask_update",
+    "score-stability": "benchmarks.digits:score_stability",
+    "sampler": "benchmarks.metaworld:sampler",
+    "eval": "benchmarks.harmodt:eval",
+    "surgery-step": "benchmarks.harmodt:surgery_step",  # MTDT + mean / PCGrad / CAGrad vs an MTDT step
+    "export": "benchmarks.harmodt:export",               # pruned per-task Prompt-DT vs masked full model
 }
 
 

@@ -1,6 +1,9 @@
-"""Benchmarks of the core on a generic causal transformer (no recipe imports).
+"""Benchmarks of the core: the measurements (``compare_steps``, ``time_mask_update``,
+``compare_export``) for any model, and ``masked_step`` / ``mask_update`` on a generic causal
+transformer (no recipe imports).
 
-Run through ``python tools/bench.py masked-step`` / ``mask-update``. Dense and masked steps are
+Run through ``python tools/bench.py masked-step-generic`` / ``mask-update-generic``; the Prompt-DT
+benchmarks in ``benchmarks.harmodt`` use the same measurements. Dense and masked steps are
 measured interleaved in the same process, so the ratio holds up on a shared, noisy machine.
 """
 
@@ -12,13 +15,13 @@ import time
 import torch
 from torch import nn
 
-from .apply import MaskedAdamW, MaskedModel
-from .initializers import ERKInitializer
-from .masks import MaskSet
-from .schedulers import ConstantScheduler
-from .scorers import FisherScorer
-from .targets import select_targets
-from .update import MaskUpdater
+from maskmtl.apply import MaskedAdamW, MaskedModel
+from maskmtl.initializers import ERKInitializer
+from maskmtl.masks import MaskSet
+from maskmtl.schedulers import ConstantScheduler
+from maskmtl.scorers import FisherScorer
+from maskmtl.targets import select_targets
+from maskmtl.update import MaskUpdater
 
 
 class CausalTransformer(nn.Module):
@@ -221,9 +224,9 @@ def compare_export(model, example_inputs, *, include, exclude=None, granularity=
 
     from safetensors.torch import save_file
 
-    from .export import call, export_pruned, save_export
-    from .initializers import RandomInitializer
-    from .structures import build_structures
+    from maskmtl.export import call, export_pruned, save_export
+    from maskmtl.initializers import RandomInitializer
+    from maskmtl.structures import build_structures
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,11 +1,15 @@
-"""``python tools/bench.py eval``: env-steps/s of the batched evaluator vs a sequential batch-1
-evaluator and vs raw env stepping with a free (zero-cost) policy, all in one process."""
+"""Benchmarks of the harmodt recipe's Prompt-DT (``python tools/bench.py masked-step``,
+``mask-update``, ``surgery-step``, ``export``, ``eval``).
+
+``eval``: env-steps/s of the batched evaluator vs a sequential batch-1 evaluator and vs raw env
+stepping with a free (zero-cost) policy, all in one process."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from benchmarks.core import compare_export, compare_steps, time_mask_update
 from maskmtl import ERKInitializer, MaskSet, select_targets
 from recipes.harmodt.evaluate import GridPolicy, run_grid
 from recipes.harmodt.model import PromptDT
@@ -84,7 +88,6 @@ DT_TARGETS = (r".*\.weight", r".*(ln|norm|timestep).*")  # as conf/recipe/harmod
 def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: int = 20, prompt_length: int = 5,
                 **kw) -> dict:
     """Masked vs dense training step of the Prompt-DT (paper size by default), interleaved."""
-    from maskmtl.bench import compare_steps
     from recipes.harmodt.train import make_loss_fn
 
     return {"model": f"PromptDT d={d_model} layers={n_layer}", "batch": batch, "tokens": 3 * (context + prompt_length),
@@ -96,7 +99,6 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: i
 def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, context: int = 20, prompt_length: int = 5,
                 n_tasks: int = 50, **kw) -> dict:
     """One full mask update of the Prompt-DT for N tasks (default 50, MT50) vs one training step."""
-    from maskmtl.bench import time_mask_update
     from recipes.harmodt.train import make_loss_fn
 
     return {"model": f"PromptDT d={d_model} layers={n_layer}", "batch": batch,
@@ -190,8 +192,7 @@ def surgery_step(d_model: int = 128, n_layer: int = 3, batch: int = 16, context:
 def export(d_model: int = 128, n_layer: int = 6, batch: int = 1, context: int = 20, prompt_length: int = 5,
            granularity: str = "head", **kw) -> dict:
     """Exported per-task Prompt-DT (masked-out heads and MLP units removed) vs the masked full
-    model at inference: parameters, file size, latency (``maskmtl.bench.compare_export``)."""
-    from maskmtl.bench import compare_export
+    model at inference: parameters, file size, latency (``benchmarks.core.compare_export``)."""
     from recipes.harmodt.train import forward_kwargs
 
     torch.manual_seed(kw.get("seed", 0))

@@ -42,14 +42,11 @@ from recipes.common import evaluation, make_generator, phase
 from recipes.g_harmodt.evaluate import BLIND, PROBE_PARAMS, Routing, evaluate_agnostic
 from recipes.g_harmodt.gate import WINDOWS, Gate, GateData, GateSpec, accuracy_report, check_gate_data
 from recipes.g_harmodt.plots import plot_gate, plot_grouping
-from recipes.harmodt.evaluate import EvalReport, EvalSpec
-from recipes.harmodt.model import ModelSpec
-from recipes.harmodt.train import evaluate as evaluate_with_id
-from recipes.harmodt.train import build_model, make_envs, make_loss_fn, segment_batches
+from recipes.harmodt.evaluate import EvalReport
+from recipes.harmodt.train import PromptDTSetup, eval_prompts, make_envs, mean_success
 from recipes.harmodt.train import SMOKE_EVAL, SMOKE_MODEL, check_model_config
-from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
-from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data_overrides
-from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
+from recipes.loop import Evaluation, RunContext, TrainLoop, report_masking
+from recipes.metaworld.make_data import dataset_tasks, smoke_data_overrides
 
 METHODS = ("g_harmodt", "ta_harmodt", "ta_harmodt_gating", "ta_prompt_dt", "ta_prompt_dt_gating", "ta_mtdt", "ta_mtdt_gating")
 TARGETS = ("group", "task", "none")
@@ -124,62 +121,172 @@ def check_config(cfg: DictConfig) -> None:
                           f"train.steps={steps}")
 
 
-def run(cfg: DictConfig) -> dict | None:
-    # ------------------------------------------------------------------ build
-    ctx = RunContext.start(cfg)
-    check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
-    train, ev, spec, gs, device = (TrainSpec.from_config(cfg.train), EvalSpec.from_config(cfg.eval),
-                                   ModelSpec.from_config(cfg.model), GateSpec.from_config(cfg.gate), ctx.device)
-    n_tasks = len(dataset_tasks(cfg.data))
-    needs_grouping = build(cfg.grouper, "grouper").n_groups(n_tasks) < n_tasks
-    warmup = int(cfg.grouping.warmup_steps) if needs_grouping else 0
-    dataset = ensure_dataset(cfg.data, cfg.data_root)
-    sampler = SegmentSampler(dataset, SamplingConfig.from_config(cfg.data.get("sampling")))
-    tasks = list(dataset.tasks)
-    use_gate = gs.target != "none"
-    if use_gate:
+def train_gate_after(loop: TrainLoop, make_gate, gs: GateSpec) -> Gate:
+    """``gate.schedule=after``: ``gate.steps`` steps of a fresh gate on the trained model's labels
+    (its losses logged at the last training step)."""
+    gate = make_gate()
+    with phase("gate training", gs.steps) as shown:
+        for k in range(1, gs.steps + 1):
+            gate_loss = gate.step()
+            if k % max(1, gs.steps // 10) == 0 or k == gs.steps:
+                loop.log(loop.spec.steps, {"train/gate_step": k, "train/gate_loss": gate_loss})
+            shown.advance(info=f"loss {gate_loss:.4f}")
+        shown.result = f"last loss {gate_loss:.4f}"
+    return gate
+
+
+def make_routing(gs: GateSpec, task_to_group: list[int], n_groups: int, returns: list[np.ndarray],
+                 rtg_quantile: float) -> Routing:
+    """What a gate's label means: its tasks (a group's, or one task) and their return target."""
+    n = len(task_to_group)
+    if gs.target == "group":
+        members = [[i for i in range(n) if task_to_group[i] == g] for g in range(n_groups)]
+        label_group = list(range(n_groups))
+    else:  # task labels (also used, unrouted, when there is no gate)
+        members = [[i] for i in range(n)]
+        label_group = list(task_to_group)
+    return Routing(group=label_group, members=members,
+                   rtg=np.array([np.quantile(np.concatenate([returns[i] for i in mem]), rtg_quantile)
+                                 for mem in members]),
+                   pooled_rtg=float(np.quantile(np.concatenate(returns), rtg_quantile)))
+
+
+def gate_summary(gate: Gate, gs: GateSpec, predictions: list[dict], tasks: list[str], members: list[list[int]],
+                 per_task: dict) -> dict:
+    """The gate's accuracy on held-out episodes and in the evaluation episodes (each task's share of
+    correct labels added to ``per_task`` as ``gate_correct``)."""
+    labels = np.asarray(gate.data.labels)
+    seen = [p for p in predictions if p["label"] >= 0]
+    truth = [int(labels[tasks.index(p["task"])]) for p in seen]
+    rollout = accuracy_report([p["label"] for p in seen], truth, gate.data.n_classes)
+    for t in tasks:
+        mine = [p for p in seen if p["task"] == t]
+        lab = int(labels[tasks.index(t)])
+        per_task[t]["gate_correct"] = float(np.mean([p["label"] == lab for p in mine])) if mine else float("nan")
+    return {"target": gs.target, "schedule": gs.schedule, "steps": gate.steps,
+            "labels": {str(k): [tasks[i] for i in mem] for k, mem in enumerate(members)},
+            "heldout": gate.heldout_accuracy(), "rollout": rollout, "heldout_episodes": gate.data.heldout()}
+
+
+def gate_reports(gate_report: dict | None, gs: GateSpec, tasks: list[str], task_to_group: list[int]) -> tuple:
+    """The lines printed under the results table: the groups and the gate's accuracy."""
+    if gate_report is None:
+        return ()
+    shown_groups = gate_report["labels"] if gs.target == "group" else dict(zip(tasks, task_to_group))
+    rollout = gate_report["rollout"]["overall"]
+    return (lambda: print(f"groups: {shown_groups}"),
+            lambda: print(f"gate accuracy: held-out episodes {gate_report['heldout']['overall']:.3f} "
+                          f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
+                          f"{rollout if rollout is not None else float('nan'):.3f}"))
+
+
+def final_metrics(final: EvalReport, given: EvalReport | None, gate_report: dict | None) -> dict:
+    """The metrics row of the final evaluations: task-agnostic success, with the task id, the gate's accuracy."""
+    mean = mean_success
+    metrics = {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
+    metrics["eval/mean_success"] = mean(final)
+    if given is not None:
+        metrics["eval/mean_success_id"] = mean(given)
+    if gate_report is not None:
+        metrics["eval/gate_accuracy_heldout"] = gate_report["heldout"]["overall"]
+        metrics["eval/gate_accuracy_rollout"] = gate_report["rollout"]["overall"]
+    return metrics
+
+
+def gate_data_check(gs: GateSpec):
+    """``check(dataset)``: the data can give the gate its transitions and held-out episodes."""
+    def check(dataset) -> None:
         try:
             check_gate_data(dataset, gs.transitions, gs.heldout_episodes)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    model = build_model(spec, dataset, cfg.data, ev, device)
-    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
-    masks = masking.masks
-    report_masking(model, masking)
-    assert masking.needs_grouping == needs_grouping
+    return check
+
+
+def gate_maker(gs: GateSpec, dataset, masks, seed: int, device):
+    """``make_gate()``: a fresh gate on the masks' current labels (groups, or tasks)."""
+    def make_gate() -> Gate:
+        labels = masks.task_to_group if gs.target == "group" else list(range(masks.n_tasks))
+        max_start = gs.probe_steps - gs.transitions if gs.window == "probe" else None
+        try:
+            data = GateData(dataset, labels, gs.transitions, max_start, gs.heldout_episodes, seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return Gate(data, hidden=gs.hidden, lr=gs.lr, batch_size=gs.batch_size, seed=seed, device=device)
+    return make_gate
+
+
+def grouping_recorder(out, tasks: list[str]):
+    """``on_grouped(step, grouping)``: writes ``grouping.json`` and the tasks' harmony vectors."""
+    def on_grouped(step: int, g: dict) -> dict:
+        from safetensors.torch import save as st_save
+
+        write_json(out / GROUPING, group_record(tasks, g, step))
+        vectors = g["task_vectors"].detach().float().cpu().contiguous()
+        atomic_write_bytes(out / VECTORS, st_save({"vectors": vectors}, metadata={"tasks": json.dumps(tasks)}))
+        return {}
+    return on_grouped
+
+
+def check_group_budget(masking: Masking) -> None:
+    """Group masks are made at the initializer's density: α_t must fit their active and inactive entries."""
     if masking.needs_grouping:
-        need, total = masking.scheduler.max_alpha(), masks.numel()
+        need, total = masking.scheduler.max_alpha(), masking.masks.numel()
         active = int(round(masking.group_density() * total))
         if need > active or (need > 0 and need > total - active):
             raise ConfigError(f"scheduler: alpha reaches {need} but group masks will have {active} active and "
                               f"{total - active} inactive entries (density {masking.group_density()})")
+
+
+def agnostic_evaluation(setup: PromptDTSetup, masks, gate: Gate | None, gs: GateSpec,
+                        routing: Routing) -> tuple[EvalReport, list[dict]]:
+    """The final, task-agnostic evaluation (``recipes/g_harmodt/evaluate.py``): report and the gate's labels."""
+    ev, spec, sampler, tasks = setup.ev, setup.spec, setup.sampler, setup.tasks
+    setup.envs = setup.envs or make_envs(tasks, ev)
+    prompts = eval_prompts(sampler, setup.device) if spec.prompt else None
+    with evaluation(f"final task-agnostic evaluation after {setup.train.steps} steps", len(tasks), ev) as shown:
+        final, predictions = evaluate_agnostic(
+            setup.model, masks=masks, gate=gate, routing=routing, probe_params=gs.probe_params,
+            voting_thresh=gs.voting_thresh, prompts=prompts, task_ids=spec.task_id, blind=gs.blind,
+            probe_steps=gs.probe_steps, gn=gs.transitions, envs=setup.envs, tasks=tasks,
+            state_mean=sampler.state_mean, state_std=sampler.state_std, reward_scale=sampler.config.reward_scale,
+            context=sampler.config.context, ev=ev)
+        shown.result = f"mean success {mean_success(final):.3f}"
+    return final, predictions
+
+
+def results_extra(cfg: DictConfig, masks, grouping: dict | None, gate_report: dict | None, loop: TrainLoop,
+                  routing: Routing, final: EvalReport, predictions: list[dict], given: EvalReport | None) -> dict:
+    """The g_harmodt keys of ``results.json`` beside the per-task results."""
+    tasks, t2g = list(masks.tasks), masks.task_to_group
+    return {"method": cfg.method_name, "protocol": "task_agnostic", "n_groups": masks.n_groups,
+            "task_to_group": list(t2g), "groups": {str(g): [tasks[i] for i in range(len(tasks)) if t2g[i] == g]
+                                                    for g in range(masks.n_groups)},
+            "grouping": None if grouping is None else {k: grouping[k] for k in ("step", "harmony")},
+            "gate": gate_report, "best_id": loop.best,
+            "rtg_target": {"pooled": routing.pooled_rtg, "per_label": routing.rtg.tolist()},
+            "episodes": [e.__dict__ for e in final.episodes], "predictions": predictions,
+            "density": masks.density().tolist(), "resumed_from": loop.resumed_from,
+            "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
+                            "with_id": None if given is None else {"policy": given.policy_s, "sim": given.sim_s}}}
+
+
+def run(cfg: DictConfig) -> dict | None:
+    # ------------------------------------------------------------------ build
+    ctx = RunContext.start(cfg)
+    check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
+    gs = GateSpec.from_config(cfg.gate)
+    use_gate = gs.target != "none"
+    setup = PromptDTSetup(cfg, ctx, check_data=gate_data_check(gs) if use_gate else None)
+    train, ev, model, tasks = setup.train, setup.ev, setup.model, setup.tasks
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1))
+    masks = masking.masks
+    report_masking(model, masking)
+    check_group_budget(masking)
     if ctx.dry_run:
         return None
-    loss_fn = make_loss_fn(spec.prompt, spec.task_id)
-    gens = {"tasks": make_generator(cfg.seed, 3)}
-    rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
-    returns = [dataset[t].episode_returns() for t in tasks]
-    rtg_target = np.array([np.quantile(r, ev.rtg_quantile) for r in returns])  # with the task id
-    batch_for, score_batches = segment_batches(sampler, train.batch_size, cfg.masking.grad_batches, rngs["scores"],
-                                               device)
-    envs, gate = [], None  # envs built at the first evaluation; the gate once its labels exist
-
-    def make_gate() -> Gate:
-        labels = masks.task_to_group if gs.target == "group" else list(range(len(tasks)))
-        max_start = gs.probe_steps - gs.transitions if gs.window == "probe" else None
-        try:
-            data = GateData(dataset, labels, gs.transitions, max_start, gs.heldout_episodes, cfg.seed)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        return Gate(data, hidden=gs.hidden, lr=gs.lr, batch_size=gs.batch_size, seed=cfg.seed, device=device)
-
-    def on_grouped(step: int, g: dict) -> dict:
-        """The grouping's record: ``grouping.json`` and the tasks' harmony vectors."""
-        write_json(ctx.out / GROUPING, group_record(tasks, g, step))
-        from safetensors.torch import save as st_save
-        vectors = g["task_vectors"].detach().float().cpu().contiguous()
-        atomic_write_bytes(ctx.out / VECTORS, st_save({"vectors": vectors}, metadata={"tasks": json.dumps(tasks)}))
-        return {}
+    warmup = int(cfg.grouping.warmup_steps) if masking.needs_grouping else 0
+    make_gate, gate = gate_maker(gs, setup.dataset, masks, cfg.seed, ctx.device), None  # a gate once its labels exist
 
     def gate_alongside(step: int, metrics: dict) -> None:
         """gate.schedule=simultaneous: one gate step per training step once the labels exist."""
@@ -190,23 +297,17 @@ def run(cfg: DictConfig) -> dict | None:
             if step % train.log_every == 0:
                 metrics["train/gate_loss"] = gate_loss
 
-    def with_id() -> EvalReport:
-        envs[:] = envs or make_envs(tasks, ev)
-        return evaluate_with_id(ev, model, masking, sampler, rtg_target, envs, device, prompt=spec.prompt,
-                                task_ids=spec.task_id)
-
     def evaluate_at(step: int) -> Evaluation:  # the task id given, for reference
         with evaluation(f"evaluation at step {step} (task id given)", len(tasks), ev) as shown:
-            rep = with_id()
-            mean_success = float(np.mean([v["success"] for v in rep.per_task.values()]))
-            shown.result = f"mean success {mean_success:.3f}"
+            rep = setup.evaluate(masking)
+            shown.result = f"mean success {mean_success(rep):.3f}"
         metrics = ({f"eval/{t}/success_id": v["success"] for t, v in rep.per_task.items()}
-                   | {"eval/mean_success_id": mean_success, "time/eval_policy_s": rep.policy_s})
-        return Evaluation(metrics, mean_success, rep.per_task)
+                   | {"eval/mean_success_id": mean_success(rep), "time/eval_policy_s": rep.policy_s})
+        return Evaluation(metrics, mean_success(rep), rep.per_task)
 
-    loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn,
-                     batch_for=lambda task: batch_for(task, rngs["data"]), score_batches=score_batches,
-                     generators=gens, numpy_rngs=rngs, dense_until=warmup, grouping_at=warmup, on_grouped=on_grouped,
+    loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=setup.loss_fn, batch_for=setup.batch_for,
+                     score_batches=setup.score_batches, generators=setup.generators, numpy_rngs=setup.rngs,
+                     dense_until=warmup, grouping_at=warmup, on_grouped=grouping_recorder(ctx.out, tasks),
                      on_step=gate_alongside, evaluate=evaluate_at,
                      extra_state=lambda: {"gate": gate.state_dict() if gate is not None else None})
     loop.restore()
@@ -217,99 +318,30 @@ def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ train; the gate, trained after
     loop.train()  # a run stopped after it resumes here (the gate of schedule=after is trained again from its seed)
     if use_gate and gs.schedule == "after":
-        gate = make_gate()
-        with phase("gate training", gs.steps) as shown:
-            for k in range(1, gs.steps + 1):
-                gate_loss = gate.step()
-                if k % max(1, gs.steps // 10) == 0 or k == gs.steps:
-                    loop.log(train.steps, {"train/gate_step": k, "train/gate_loss": gate_loss})
-                shown.advance(info=f"loss {gate_loss:.4f}")
-            shown.result = f"last loss {gate_loss:.4f}"
+        gate = train_gate_after(loop, make_gate, gs)
 
-    # ------------------------------------------------------------------ task-agnostic evaluation
-    envs[:] = envs or make_envs(tasks, ev)
-    t2g = masks.task_to_group
-    if gs.target == "group":
-        members = [[i for i in range(len(tasks)) if t2g[i] == g] for g in range(masks.n_groups)]
-        label_group = list(range(masks.n_groups))
-    else:  # task labels (also used, unrouted, when there is no gate)
-        members = [[i] for i in range(len(tasks))]
-        label_group = list(t2g)
-    routing = Routing(group=label_group, members=members,
-                      rtg=np.array([np.quantile(np.concatenate([returns[i] for i in mem]), ev.rtg_quantile)
-                                    for mem in members]),
-                      pooled_rtg=float(np.quantile(np.concatenate(returns), ev.rtg_quantile)))
-    prompts = None
-    if spec.prompt:
-        b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
-        prompts = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
-                   b["prompt_mask"])
-    with evaluation(f"final task-agnostic evaluation after {train.steps} steps", len(tasks), ev) as shown:
-        final, predictions = evaluate_agnostic(
-            model, masks=masks, gate=gate, routing=routing, probe_params=gs.probe_params,
-            voting_thresh=gs.voting_thresh, prompts=prompts, task_ids=spec.task_id, blind=gs.blind,
-            probe_steps=gs.probe_steps, gn=gs.transitions, envs=envs, tasks=tasks,
-            state_mean=sampler.state_mean, state_std=sampler.state_std, reward_scale=sampler.config.reward_scale,
-            context=sampler.config.context, ev=ev)
-        shown.result = f"mean success {np.mean([v['success'] for v in final.per_task.values()]):.3f}"
+    # ------------------------------------------------------------------ task-agnostic evaluation, results
+    routing = make_routing(gs, masks.task_to_group, masks.n_groups, setup.returns, ev.rtg_quantile)
+    final, predictions = agnostic_evaluation(setup, masks, gate, gs, routing)
     given = None
     if ev.task_provided:
         with evaluation("final evaluation with the task id", len(tasks), ev) as shown:
-            given = with_id()
-            shown.result = f"mean success {np.mean([v['success'] for v in given.per_task.values()]):.3f}"
-
-    # ------------------------------------------------------------------ results
-    gate_report = None
+            given = setup.evaluate(masking)
+            shown.result = f"mean success {mean_success(given):.3f}"
     per_task = {t: {"success": v["success"], "return": v["return"]} for t, v in final.per_task.items()}
-    if use_gate:
-        labels = np.asarray(gate.data.labels)
-        seen = [p for p in predictions if p["label"] >= 0]
-        truth = [int(labels[tasks.index(p["task"])]) for p in seen]
-        rollout = accuracy_report([p["label"] for p in seen], truth, gate.data.n_classes)
-        gate_report = {"target": gs.target, "schedule": gs.schedule, "steps": gate.steps,
-                       "labels": {str(k): [tasks[i] for i in mem] for k, mem in enumerate(members)},
-                       "heldout": gate.heldout_accuracy(), "rollout": rollout,
-                       "heldout_episodes": gate.data.heldout()}
-        for t in tasks:
-            mine = [p for p in seen if p["task"] == t]
-            lab = int(labels[tasks.index(t)])
-            per_task[t]["gate_correct"] = float(np.mean([p["label"] == lab for p in mine])) if mine else float("nan")
-    if given is not None:
-        for t, v in given.per_task.items():
-            per_task[t]["success_id"] = v["success"]
-    final_mean = float(np.mean([v["success"] for v in final.per_task.values()]))
-    metrics = {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()} | {"eval/mean_success": final_mean}
-    if given is not None:
-        metrics["eval/mean_success_id"] = float(np.mean([v["success"] for v in given.per_task.values()]))
-    if gate_report is not None:
-        metrics["eval/gate_accuracy_heldout"] = gate_report["heldout"]["overall"]
-        metrics["eval/gate_accuracy_rollout"] = gate_report["rollout"]["overall"]
-    loop.log(train.steps, metrics)
+    gate_report = gate_summary(gate, gs, predictions, tasks, routing.members, per_task) if use_gate else None
+    for t, v in (given.per_task.items() if given is not None else ()):
+        per_task[t]["success_id"] = v["success"]
+    loop.log(train.steps, final_metrics(final, given, gate_report))
     grouping = json.loads((ctx.out / GROUPING).read_text()) if masking.needs_grouping else None
-    reports = ()
-    if gate_report is not None:
-        rollout_acc = gate_report["rollout"]["overall"]
-        shown_groups = gate_report["labels"] if gs.target == "group" else dict(zip(tasks, t2g))
-        reports = (lambda: print(f"groups: {shown_groups}"),
-                   lambda: print(f"gate accuracy: held-out episodes {gate_report['heldout']['overall']:.3f} "
-                                 f"(per label {gate_report['heldout']['per_label']}), in evaluation episodes "
-                                 f"{rollout_acc if rollout_acc is not None else float('nan'):.3f}"))
     name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
     figures = ((lambda out: plot_grouping(grouping, out / "grouping.png", title=name, seed=cfg.seed),)
                if grouping is not None else ())
     if gate_report is not None:
         figures += (lambda out: plot_gate(gate_report, out / "gate.png", title=name),)
     return loop.finish(
-        cfg, per_task=per_task, headline="success", title=name, reports=reports, figures=figures,
+        cfg, per_task=per_task, headline="success", title=name, figures=figures,
+        reports=gate_reports(gate_report, gs, tasks, masks.task_to_group),
         table=f"g_harmodt ({cfg.method_name}, {masks.n_groups} groups, gate: {gs.target}): task-agnostic success "
               f"after {train.steps} steps",
-        extra={"method": cfg.method_name, "protocol": "task_agnostic", "n_groups": masks.n_groups,
-               "task_to_group": list(t2g), "groups": {str(g): [tasks[i] for i in range(len(tasks)) if t2g[i] == g]
-                                                       for g in range(masks.n_groups)},
-               "grouping": None if grouping is None else {k: grouping[k] for k in ("step", "harmony")},
-               "gate": gate_report, "best_id": loop.best,
-               "rtg_target": {"pooled": routing.pooled_rtg, "per_label": routing.rtg.tolist()},
-               "episodes": [e.__dict__ for e in final.episodes], "predictions": predictions,
-               "density": masks.density().tolist(), "resumed_from": loop.resumed_from,
-               "eval_time_s": {"agnostic": {"policy": final.policy_s, "sim": final.sim_s},
-                               "with_id": None if given is None else {"policy": given.policy_s, "sim": given.sim_s}}})
+        extra=results_extra(cfg, masks, grouping, gate_report, loop, routing, final, predictions, given))

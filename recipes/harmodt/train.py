@@ -31,13 +31,23 @@ from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 from recipes.metaworld.storage import OfflineDataset
 
 
+PROMPT_KEYS = ("prompt_states", "prompt_actions", "prompt_returns_to_go", "prompt_timesteps", "prompt_mask")
+
+
+def prompt_of(batch: dict) -> tuple:
+    """The model's ``prompt`` argument from a sampled batch."""
+    return tuple(batch[k] for k in PROMPT_KEYS)
+
+
+def eval_prompts(sampler: SegmentSampler, device) -> tuple:
+    """Every task's evaluation prompt (one row per task of ``sampler``)."""
+    return prompt_of(sampler.prompt(np.arange(len(sampler.tasks))).to_torch(device))
+
+
 def make_loss_fn(use_prompt: bool, task_id: bool):
     def loss_fn(forward, task: int, batch: dict) -> torch.Tensor:
         """MSE of predicted actions over the real (unpadded) steps of the segments."""
-        prompt = None
-        if use_prompt:
-            prompt = (batch["prompt_states"], batch["prompt_actions"], batch["prompt_returns_to_go"],
-                      batch["prompt_timesteps"], batch["prompt_mask"])
+        prompt = prompt_of(batch) if use_prompt else None
         pred = forward(batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"],
                        prompt=prompt, task=batch["task"] if task_id else None)  # (B, K, A)
         err = (pred - batch["actions"]).square().mean(-1)  # (B, K)
@@ -54,10 +64,7 @@ def example_inputs(sampler: SegmentSampler, model_cfg: dict, device) -> dict:
 
 def forward_kwargs(batch: dict, use_prompt: bool, task_id: bool) -> dict:
     """The model's keyword inputs from a sampled batch."""
-    prompt = None
-    if use_prompt:
-        prompt = (batch["prompt_states"], batch["prompt_actions"], batch["prompt_returns_to_go"],
-                  batch["prompt_timesteps"], batch["prompt_mask"])
+    prompt = prompt_of(batch) if use_prompt else None
     return {"states": batch["states"], "actions": batch["actions"], "rtg": batch["returns_to_go"],
             "timesteps": batch["timesteps"], "mask": batch["mask"], "prompt": prompt,
             "task": batch["task"] if task_id else None}
@@ -113,11 +120,7 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
     reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode)."""
     tasks = sampler.tasks
     rows = list(range(len(tasks)))
-    prompts = None
-    if prompt:
-        b = sampler.prompt(np.arange(len(tasks))).to_torch(device)
-        prompts = (b["prompt_states"], b["prompt_actions"], b["prompt_returns_to_go"], b["prompt_timesteps"],
-                   b["prompt_mask"])
+    prompts = eval_prompts(sampler, device) if prompt else None
     was_training = model.training
     model.eval()
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
@@ -166,6 +169,46 @@ def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig,
     evaluation's episodes)."""
     max_ep_len = max(int(data_node.get("episode_length", 500)), ev.max_steps)
     return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks)).to(device)
+
+
+class PromptDTSetup:
+    """What both Meta-World recipes build before training, in this order: the specs, the dataset
+    (generated when missing) and its segment sampler, each task's return-to-go target (a quantile of
+    its episode returns: experts differ widely), the Prompt-DT, its loss, the generators the run
+    checkpoints, and the batches of training steps and mask updates. ``evaluate(masking)``
+    evaluates every task with its id and mask (environments built at the first call)."""
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext, *, check_data=None):
+        self.train, self.ev, self.spec = (TrainSpec.from_config(cfg.train), EvalSpec.from_config(cfg.eval),
+                                          ModelSpec.from_config(cfg.model))
+        self.device = ctx.device
+        self.dataset = ensure_dataset(cfg.data, cfg.data_root)
+        self.sampler = SegmentSampler(self.dataset, SamplingConfig.from_config(cfg.data.get("sampling")))
+        self.tasks = list(self.dataset.tasks)
+        if check_data is not None:  # the recipe's checks of the data, before the model is built
+            check_data(self.dataset)
+        self.returns = [self.dataset[t].episode_returns() for t in self.tasks]
+        self.rtg_target = np.array([np.quantile(r, self.ev.rtg_quantile) for r in self.returns])
+        self.model = build_model(self.spec, self.dataset, cfg.data, self.ev, self.device)
+        self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id)
+        self.generators = {"tasks": make_generator(cfg.seed, 3)}
+        self.rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
+        batch_for, self.score_batches = segment_batches(self.sampler, self.train.batch_size, cfg.masking.grad_batches,
+                                                        self.rngs["scores"], self.device)
+        self.batch_for = lambda task: batch_for(task, self.rngs["data"])
+        self.envs: list[list] = []
+
+    def example_inputs(self) -> dict:
+        return example_inputs(self.sampler, asdict(self.spec), self.device)
+
+    def evaluate(self, masking: Masking) -> EvalReport:
+        self.envs = self.envs or make_envs(self.tasks, self.ev)
+        return evaluate(self.ev, self.model, masking, self.sampler, self.rtg_target, self.envs, self.device,
+                        prompt=self.spec.prompt, task_ids=self.spec.task_id)
+
+
+def mean_success(report: EvalReport) -> float:
+    return float(np.mean([v["success"] for v in report.per_task.values()]))
 
 
 def initial_masks(masking: Masking) -> MaskSet:
@@ -273,47 +316,58 @@ def check_config(cfg: DictConfig) -> None:
                           f"or a count in [1, {n_train}) of the training tasks")
 
 
+def heldout_summary(final_held: dict, tasks: list[str], per_task: dict, ev: EvalSpec) -> dict | None:
+    """``results.json``'s ``heldout`` (each task's final held-out loss added to ``per_task``)."""
+    if not final_held:
+        return None
+    for t in tasks:
+        per_task[t]["heldout_mse"] = final_held[f"eval/{t}/heldout_mse"]
+    return {"mse": final_held["eval/heldout_mse"], "mse_init": final_held["eval/heldout_mse_init"],
+            "mse_neighbour": final_held["eval/heldout_mse_neighbour"], "batches_per_task": ev.heldout_batches,
+            "batch_size": HELDOUT_BATCH}
+
+
+def unseen_summary(setup: PromptDTSetup, masks: MaskSet, demos: OfflineDataset) -> tuple[dict, tuple]:
+    """Spec §6's evaluation of the unseen tasks (voting mask): ``results.json``'s ``unseen`` and the
+    table printed under the results."""
+    ev = setup.ev
+    with evaluation("evaluation of the unseen tasks", len(demos.tasks), ev):
+        rep, density = evaluate_unseen(ev, setup.model, masks, demos, setup.sampler.config, len(setup.tasks),
+                                       setup.device, prompt=setup.spec.prompt)
+    result = {"tasks": list(demos.tasks), "voting_threshold": float(ev.voting_threshold), "voting_density": density,
+              "per_task": rep.per_task, "mean_success": mean_success(rep),
+              "episodes": [e.__dict__ for e in rep.episodes]}
+    table = {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()}
+    return result, (lambda: print_table(f"unseen tasks (voting mask, threshold {ev.voting_threshold}, density "
+                                        f"{density:.3f}): mean success {result['mean_success']:.3f}", table),)
+
+
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
     ctx = RunContext.start(cfg)
     check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
-    train, ev, spec, device = (TrainSpec.from_config(cfg.train), EvalSpec.from_config(cfg.eval),
-                               ModelSpec.from_config(cfg.model), ctx.device)
     unseen = unseen_tasks(cfg.data)
-    dataset = ensure_dataset(cfg.data, cfg.data_root)
-    sampler = SegmentSampler(dataset, SamplingConfig.from_config(cfg.data.get("sampling")))
-    tasks = list(dataset.tasks)
+    setup = PromptDTSetup(cfg, ctx)
     unseen_demos = ensure_demos(cfg.data, cfg.data_root, unseen) if unseen else None
-    # return-to-go target per task: a quantile of that task's episode returns (experts differ widely)
-    rtg_target = np.array([np.quantile(dataset[t].episode_returns(), ev.rtg_quantile) for t in tasks])
-    model = build_model(spec, dataset, cfg.data, ev, device)
-    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1),
-                      example_inputs=example_inputs(sampler, asdict(spec), device))
-    held = heldout_batches(sampler, ev.heldout_batches, device) if ev.heldout_batches else None  # fixed generators
+    train, ev, model, tasks, loss_fn = setup.train, setup.ev, setup.model, setup.tasks, setup.loss_fn
+    masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1), example_inputs=setup.example_inputs())
+    held = heldout_batches(setup.sampler, ev.heldout_batches, ctx.device) if ev.heldout_batches else None
     multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     report_masking(model, masking)
     if ctx.dry_run:
         return None
-    loss_fn = make_loss_fn(spec.prompt, spec.task_id)
-    gens = {"tasks": make_generator(cfg.seed, 3), **(multi.generators if multi else {})}
-    rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
-    batch_for, score_batches = segment_batches(sampler, train.batch_size, cfg.masking.grad_batches, rngs["scores"],
-                                               device)
-    envs, initial = [], None  # envs built at the first evaluation; initial masks after the restore
+    initial = None  # the initial masks' model, after the restore
 
     def evaluate_now(label: str) -> tuple[EvalReport, float, dict]:
         """One evaluation of every task, its mean success and the held-out metrics (none without
         eval.heldout_batches)."""
         with evaluation(label, len(tasks), ev) as shown:
-            envs[:] = envs or make_envs(tasks, ev)
-            rep = evaluate(ev, model, masking, sampler, rtg_target, envs, device, prompt=spec.prompt,
-                           task_ids=spec.task_id)
-            mean = float(np.mean([v["success"] for v in rep.per_task.values()]))
+            rep = setup.evaluate(masking)
             held_now = {} if held is None else heldout_metrics(
                 tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
-            shown.result = f"mean success {mean:.3f}" + (
+            shown.result = f"mean success {mean_success(rep):.3f}" + (
                 f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
-        return rep, mean, held_now
+        return rep, mean_success(rep), held_now
 
     def evaluate_at(step: int) -> Evaluation:
         rep, mean, held_now = evaluate_now(f"evaluation at step {step}")
@@ -321,9 +375,9 @@ def run(cfg: DictConfig) -> dict | None:
                    | {"eval/mean_success": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
         return Evaluation(metrics, mean, rep.per_task)
 
-    loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn,
-                     batch_for=lambda task: batch_for(task, rngs["data"]), score_batches=score_batches,
-                     generators=gens, numpy_rngs=rngs, multi=multi, evaluate=evaluate_at)
+    loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn, batch_for=setup.batch_for,
+                     score_batches=setup.score_batches, numpy_rngs=setup.rngs, multi=multi, evaluate=evaluate_at,
+                     generators=setup.generators | (multi.generators if multi else {}))
     loop.restore()
     initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after the restore
 
@@ -336,30 +390,12 @@ def run(cfg: DictConfig) -> dict | None:
     best = loop.best
     per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
                 for t, v in final.per_task.items()}
-    heldout_result = None
-    if final_held:
-        for t in tasks:
-            per_task[t]["heldout_mse"] = final_held[f"eval/{t}/heldout_mse"]
-        heldout_result = {"mse": final_held["eval/heldout_mse"], "mse_init": final_held["eval/heldout_mse_init"],
-                          "mse_neighbour": final_held["eval/heldout_mse_neighbour"],
-                          "batches_per_task": ev.heldout_batches, "batch_size": HELDOUT_BATCH}
-    unseen_result, reports = None, ()
-    if unseen_demos is not None:
-        with evaluation("evaluation of the unseen tasks", len(unseen_demos.tasks), ev):
-            rep, vote_density = evaluate_unseen(ev, model, masking.masks, unseen_demos, sampler.config, len(tasks),
-                                                device, prompt=spec.prompt)
-        unseen_result = {"tasks": list(unseen_demos.tasks), "voting_threshold": float(ev.voting_threshold),
-                         "voting_density": vote_density, "per_task": rep.per_task,
-                         "mean_success": float(np.mean([v["success"] for v in rep.per_task.values()])),
-                         "episodes": [e.__dict__ for e in rep.episodes]}
-        unseen_table = {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()}
-        reports = (lambda: print_table(f"unseen tasks (voting mask, threshold {ev.voting_threshold}, density "
-                                     f"{vote_density:.3f}): mean success {unseen_result['mean_success']:.3f}",
-                                     unseen_table),)
+    heldout_result = heldout_summary(final_held, tasks, per_task, ev)
+    unseen_result, reports = unseen_summary(setup, masking.masks, unseen_demos) if unseen_demos else (None, ())
     return loop.finish(
         cfg, per_task=per_task, headline="success", reports=reports, title=f"harmodt {cfg.method_name} seed {cfg.seed}",
         table=f"harmodt ({cfg.method_name}): success after {train.steps} steps "
               f"(best = the evaluation with the highest mean success)",
-        extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, rtg_target.tolist())),
+        extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, setup.rtg_target.tolist())),
                "episodes": [e.__dict__ for e in final.episodes], "density": masking.masks.density().tolist(),
                "resumed_from": loop.resumed_from, "unseen": unseen_result, "heldout": heldout_result})

@@ -159,6 +159,7 @@ class TrainLoop:
 
     def restore(self) -> int:
         """Resume from the run folder's checkpoint when it has one; returns the step to start after."""
+        self.out.mkdir(parents=True, exist_ok=True)  # Hydra made it already; a loop used without Hydra may not have
         self.start, self.extra, self.checkpoint_path = restore_run(
             self.out, model=self.model, masks=self.masks, optimizer=self.optimizer, generators=self.generators,
             numpy_rngs=self.numpy_rngs, device=self.ctx.device, updater=self.masking.updater)

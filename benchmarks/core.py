@@ -89,16 +89,20 @@ def _loss(forward, task, batch):
 GENERIC_TARGETS = (r".*weight", r".*norm.*")
 
 
+def _start(threads, device, batches):
+    """A benchmark's start: torch threads, the device, its clock, the batches moved onto it."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    return device, clock(device), to_device(batches, device)
+
+
 def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, density=0.8, reps=15,
                   rounds=4, threads=None, seed=0, device="cpu") -> dict:
     """Median time of one training step (forward, backward, optimizer), masked vs dense, for any
     model: dense = the plain module with ``torch.optim.AdamW``; masked = ``MaskedModel`` (θ⊙M
     through functional_call) with ``MaskedAdamW``, a different task's mask each step."""
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(device)
-    now = clock(device)
-    batches = to_device(batches, device)
+    device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     dense_model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
@@ -163,11 +167,7 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
                      device="cpu") -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
     masked training step, and amortised over ``update_every`` steps as a % of training time."""
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(device)
-    now = clock(device)
-    batches = to_device(batches, device)
+    device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)

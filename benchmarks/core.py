@@ -164,9 +164,14 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
 
 def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, grad_batches=1, alpha=100,
                      update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0,
-                     device="cpu") -> dict:
+                     device="cpu", diagnostics_rounds=0) -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
-    masked training step, and amortised over ``update_every`` steps as a % of training time."""
+    masked training step, and amortised over ``update_every`` steps as a % of training time.
+
+    ``diagnostics_rounds`` > 0 also measures what the update's diagnostics cost (``MaskUpdater``'s
+    ``diagnostics``, tracked as the recipes track them): that many rounds, each one update with
+    and one without them on copies of the same model, masks and optimizer (order alternating);
+    medians and their ratio."""
     device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
@@ -189,7 +194,11 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
     metrics = upd.update(update_every, model, masks, loss_fn, lambda t: batches[:grad_batches], optimizer=opt)
     t_update = now() - t0
     s = statistics.median(step_times)
-    return {
+    cost = {}
+    if diagnostics_rounds:
+        cost = _diagnostics_cost(model, masks, opt, loss_fn, lambda t: batches[:grad_batches], alpha, update_every,
+                                 recovery, int(diagnostics_rounds), now)
+    return cost | {
         "tasks": n_tasks,
         "device": str(device),
         "grad_batches": grad_batches,
@@ -203,6 +212,28 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
         "update_every": update_every,
         "target_pct": 2.0,
     }
+
+
+def _diagnostics_cost(model, masks, opt, loss_fn, score_batches, alpha, update_every, recovery, rounds, now) -> dict:
+    """Median seconds of one mask update with and without its diagnostics, on copies of one state."""
+    import copy
+
+    times = {True: [], False: []}
+    for r in range(rounds):
+        for diag in ((True, False) if r % 2 == 0 else (False, True)):
+            m, k = copy.deepcopy(model), copy.deepcopy(masks)
+            o = MaskedAdamW(m.named_parameters(), k, lr=1e-4)
+            o.load_state_dict(opt.state_dict())
+            upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery,
+                              diagnostics=diag)
+            if diag:
+                upd.track(k)
+            t0 = now()
+            upd.update(update_every, m, k, loss_fn, score_batches, optimizer=o)
+            times[diag].append(now() - t0)
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {"update_with_diagnostics_s": on, "update_without_diagnostics_s": off,
+            "diagnostics_ratio": on / off, "diagnostics_rounds": rounds}
 
 
 def mask_update(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int = 75, **kw) -> dict:

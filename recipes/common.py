@@ -222,16 +222,17 @@ class MultiTaskStep:
         return self.surgery.backward([partial(loss_of, t) for t in self.tasks(step, generator)])
 
 
-def multi_task_step(cfg: DictConfig, model: torch.nn.Module, masking, n_tasks: int) -> MultiTaskStep | None:
-    """``None`` for ``train.gradient=plain``, else the step builder (checks the masks are dense)."""
+def multi_task_step(train, seed: int, model: torch.nn.Module, masking, n_tasks: int) -> MultiTaskStep | None:
+    """``None`` for ``train.gradient=plain``, else the step builder (checks the masks are dense).
+    ``train``: the ``TrainSpec`` (``recipes/loop.py``), its gradient keys checked before
+    (``check_gradient_config``)."""
     from maskmtl.config import ConfigError
     from maskmtl.surgery import GradientSurgery
 
-    check_gradient_config(cfg)
-    kind = cfg.train.gradient
+    kind = train.gradient
     if kind == "plain":
         return None
-    k = n_tasks if cfg.train.tasks_per_step is None else int(cfg.train.tasks_per_step)
+    k = n_tasks if train.tasks_per_step is None else int(train.tasks_per_step)
     if k > n_tasks:
         raise ConfigError(f"train.tasks_per_step={k}: expected at most the number of tasks ({n_tasks})")
     if kind in ("pcgrad", "cagrad") and n_tasks < 2:
@@ -241,10 +242,10 @@ def multi_task_step(cfg: DictConfig, model: torch.nn.Module, masking, n_tasks: i
         raise ConfigError(f"train.gradient={kind}: combines dense per-task gradients into one dense step, so it "
                           f"needs all-ones masks that never change (initializer=dense scheduler=frozen, as "
                           f"method=mtdt_mean|pcgrad|cagrad set)")
-    gen = make_generator(cfg.seed, 5) if kind == "pcgrad" else None
-    surgery = GradientSurgery(list(model.parameters()), kind, c=float(cfg.train.cagrad_c), reduction="mean",
+    gen = make_generator(seed, 5) if kind == "pcgrad" else None
+    surgery = GradientSurgery(list(model.parameters()), kind, c=float(train.cagrad_c), reduction="mean",
                               generator=gen)
-    return MultiTaskStep(surgery, n_tasks, k, cfg.train.task_sampling)
+    return MultiTaskStep(surgery, n_tasks, k, train.task_sampling)
 
 
 def next_task(step: int, n_tasks: int, mode: str, generator: torch.Generator) -> int:

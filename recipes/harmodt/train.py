@@ -352,7 +352,7 @@ def run(cfg: DictConfig) -> dict | None:
     train, ev, model, tasks, loss_fn = setup.train, setup.ev, setup.model, setup.tasks, setup.loss_fn
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1), example_inputs=setup.example_inputs())
     held = heldout_batches(setup.sampler, ev.heldout_batches, ctx.device) if ev.heldout_batches else None
-    multi = multi_task_step(cfg, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
+    multi = multi_task_step(train, cfg.seed, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     report_masking(model, masking)
     if ctx.dry_run:
         return None

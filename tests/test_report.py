@@ -191,6 +191,17 @@ def test_partial_run_without_a_task_list_uses_every_logged_task(tmp_path):
     assert report._curve(log, ["a"], "success") == {20: pytest.approx(0.2)}
 
 
+def test_partial_run_without_a_task_list_shares_the_finished_runs_column(tmp_path):
+    """A running Meta-World job has ``tasks: []`` in its config (the data names them): its task set is
+    the tasks its log evaluated, so it lands in the column of the finished runs of the same tasks."""
+    fake_run(tmp_path / "done", {"scorer": "fisher"}, 0, [0.5, 0.6, 0.7], {50: [0.5, 0.6, 0.7]})
+    fake_run(tmp_path / "running", {"scorer": "fisher"}, 1, [], {50: [0.1, 0.2, 0.3]}, finished=False)
+    (tmp_path / "running" / ".hydra" / "config.yaml").write_text("seed: 1\ntasks: []\n")
+    runs, _, warnings = report.load_runs(tmp_path, "accuracy")
+    assert not warnings and {r.factors["tasks"] for r in runs} == {"+".join(TASKS)}
+    assert sorted(r.value for r in runs) == pytest.approx([0.2, 0.6])
+
+
 def test_groups_a_method_sets_are_neither_rows_nor_columns(tmp_path):
     """method=harmodt_r fixes scheduler=frozen, method=harmodt_f scheduler=cosine: the scheduler is
     not a factor of its own, so every method shares one column and paired differences find pairs."""

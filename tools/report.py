@@ -188,6 +188,12 @@ def _logged_metrics(rows: list[dict]) -> set[str]:
     return {k.split("/", 2)[2] for row in rows for k in row if k.count("/") == 2 and k.startswith("eval/")}
 
 
+def _logged_tasks(rows: list[dict], metric: str) -> list[str]:
+    """The tasks a log has ``eval/<task>/<metric>`` for, in the order it logged them."""
+    return list(dict.fromkeys(k.split("/")[1] for row in rows for k in row
+                              if k.count("/") == 2 and k.startswith("eval/") and k.endswith(f"/{metric}")))
+
+
 def _curve_of(rows: list[dict], tasks: list[str], metric: str) -> dict[int, float]:
     curve = {}
     for row in rows:
@@ -263,6 +269,9 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
                 continue
             warnings.append(f"{e}: {d}'s curve left out (its table value is from results.json)")
             rows = []
+        if not tasks and results is None:  # a running job of a recipe that takes its tasks from its data
+            tasks = _logged_tasks(rows, metric)
+            factors["tasks"] = "+".join(tasks)
         run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve_of(rows, tasks, metric))
         if results is not None:
             if metric not in results["mean"]:

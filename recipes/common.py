@@ -818,3 +818,66 @@ def plot_masks(masks, png: Path, title: str, seed: int = 0) -> None:
         axes[1].text(0.5, 0.5, "t-SNE needs at least 4 tasks", ha="center", va="center")
         axes[1].set_axis_off()
     save_figure(fig, png, title)
+
+
+# ---------------------------------------------------------------------------------- mask diagnostics
+# What the mask updates did (MaskUpdater's diagnostics, maskmtl/update.py) and what the masks do (the
+# held-out loss under each task's own, initial and neighbour's mask): one figure and one summary.
+DIAGNOSTIC_KEYS = {
+    "changed since initialisation (share of active entries)": ["mask/changed_since_init_share"],
+    "drops / recoveries with a zero gradient estimate (share)": ["mask/drop_zero_grad_share",
+                                                                  "mask/recover_zero_grad_share"],
+    "active entries where agreement decides, |A| > λ·I (share)": ["mask/agreement_dominates_share"],
+    "overlap of drop sets (Jaccard)": ["mask/drop_jaccard_groups", "mask/drop_jaccard_consecutive"],
+    "held-out loss under each mask": ["eval/heldout_mse", "eval/heldout_mse_init", "eval/heldout_mse_neighbour"],
+}
+
+
+def diagnostics_summary(metrics_path: Path) -> dict | None:
+    """``results.json``'s ``mask_diagnostics``: the number of mask updates, and per diagnostic key its
+    value at the last update (evaluation, for the held-out losses) and its mean over them. ``None``
+    when the run made no mask update."""
+    from maskmtl.outputs import read_metrics
+
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    updates = [r for r in rows if "mask/swapped" in r]
+    if not updates:
+        return None
+    out: dict[str, Any] = {"updates": len(updates), "steps": [int(r["step"]) for r in updates]}
+    for key in (k for keys in DIAGNOSTIC_KEYS.values() for k in keys):
+        vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+        if vals:
+            out[key] = {"last": vals[-1], "mean": float(np.mean(vals))}
+    return out
+
+
+def plot_diagnostics(metrics_path: Path, png: Path, title: str) -> bool:
+    """``diagnostics.png``: each group of ``DIAGNOSTIC_KEYS`` over training, one panel per group.
+    Written only when the run made mask updates; returns whether it was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maskmtl.outputs import read_metrics
+
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    if not any("mask/swapped" in r for r in rows):
+        return False
+    fig, axes = plt.subplots(1, len(DIAGNOSTIC_KEYS), figsize=(4.2 * len(DIAGNOSTIC_KEYS), 3.8))
+    for ax, (name, keys) in zip(axes, DIAGNOSTIC_KEYS.items()):
+        drawn = False
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=key.split("/", 1)[1])
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    save_figure(fig, png, title)
+    return True

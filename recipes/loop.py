@@ -38,8 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedAdamW, check_schedule, group_tasks, save_checkpoint, save_masks
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
-from recipes.common import (Preemption, kill_point, metrics_rows, next_task, phase, plot_curves, plot_masks,
-                            print_table, restore_run, start_run, training_progress, write_results)
+from recipes.common import (Preemption, diagnostics_summary, kill_point, metrics_rows, next_task, phase, plot_curves,
+                            plot_diagnostics, plot_masks, print_table, restore_run, start_run, training_progress,
+                            write_results)
 
 
 @dataclass(frozen=True)
@@ -283,8 +284,9 @@ class TrainLoop:
                table: str, extra: Mapping[str, Any], reports: tuple[Callable[[], None], ...] = (),
                figures: tuple[Callable[[Path], None], ...] = ()) -> dict:
         """Masks, the per-task table titled ``table`` (then each of ``reports()``: more lines), the
-        figures titled ``title`` (``curves.png``, ``masks.png``, each of ``figures(out)``) and, last,
-        ``results.json``."""
+        figures titled ``title`` (``curves.png``, ``masks.png``, ``diagnostics.png`` when masks were
+        updated, each of ``figures(out)``) and, last, ``results.json`` (``extra`` and the summary of
+        the mask diagnostics, ``mask_diagnostics``, beside the per-task results)."""
         out = self.out
         save_masks(self.masks, out / MASKS)
         print_table(table, per_task)
@@ -294,9 +296,11 @@ class TrainLoop:
         kill_point("figures")
         plot_curves(out / METRICS, out / "curves.png", title=title)
         plot_masks(self.masks, out / "masks.png", title=title, seed=self.ctx.seed)
+        plot_diagnostics(out / METRICS, out / "diagnostics.png", title=title)  # runs with mask updates
         for figure in figures:
             figure(out)
         kill_point("results")
+        extra = dict(extra) | {"mask_diagnostics": diagnostics_summary(out / METRICS)}
         results = write_results(out, cfg, tasks=list(self.masks.tasks), per_task=per_task, headline=headline,
                                 steps=self.spec.steps, wall_time_s=self.wall_time(), extra=extra)
         print(f"results: {out / 'results.json'}")

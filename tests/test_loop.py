@@ -103,6 +103,23 @@ def test_loop_trains_evaluates_and_finishes(tmp_path):
                             table="t", extra={"resumed_from": r.loop.resumed_from})
     assert json.loads((tmp_path / "results.json").read_text())["headline"] == results["headline"]
     assert (tmp_path / "masks.safetensors").exists() and (tmp_path / "curves.png").exists()
+    # the mask diagnostics over training: a figure, and their last / mean values in results.json
+    assert (tmp_path / "diagnostics.png").exists()
+    diag = results["mask_diagnostics"]
+    assert diag["updates"] == 5 and diag["steps"] == [4, 8, 12, 16, 20]
+    shares = [x["mask/changed_since_init_share"] for x in logged if "mask/changed_since_init_share" in x]
+    assert diag["mask/changed_since_init_share"] == {"last": shares[-1], "mean": pytest.approx(sum(shares) / 5)}
+    assert 0 < shares[-1] < 1 and "eval/heldout_mse" not in diag  # this recipe logs no held-out loss
+
+
+def test_no_mask_updates_no_diagnostics(tmp_path):
+    cfg = config("masking.update_every=0")
+    r = Recipe(cfg, tmp_path)
+    r.loop.restore()
+    r.loop.train()
+    results = r.loop.finish(cfg, per_task={t: {"loss": 1.0} for t in TASKS}, headline="loss", title="t", table="t",
+                            extra={})
+    assert results["mask_diagnostics"] is None and not (tmp_path / "diagnostics.png").exists()
 
 
 class Stop(Exception):

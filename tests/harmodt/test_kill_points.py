@@ -19,6 +19,7 @@ from maskmtl.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMISED = ["results.json", "masks.safetensors", "metrics.jsonl", "checkpoint.pt", "curves.png", "masks.png",
+            "diagnostics.png",
             ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"]
 COMMON = ["recipe=harmodt", "debug=smoke", "threads=1", "train.steps=20", "train.checkpoint_every=10",
           "train.eval_every=10", "train.log_every=5", "masking.update_every=5", "train.task_sampling=uniform"]

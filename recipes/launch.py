@@ -1,8 +1,9 @@
 """Between the command line and a recipe: what is checked, and written, before a recipe runs.
 
-``tools/run.py`` hands every job's composed config to :func:`launch`. In this order, and before
-anything is written to the run folder (Hydra's own files included: ``conf/config.yaml`` sets
-``hydra.output_subdir: null`` and this module writes ``.hydra/`` itself once every check passed):
+``maskmtl run`` (``tools/run.py``) hands every job's composed config to :func:`launch`. In this
+order, and before anything is written to the run folder (Hydra's own files included:
+``conf/config.yaml`` sets ``hydra.output_subdir: null`` and this module writes ``.hydra/`` itself
+once every check passed):
 
 1. **overrides**: ``+key=value`` / ``++key=value`` adding a key that no config file declares is
    refused (nothing would read it); a group chosen for a recipe that has no use for it
@@ -38,9 +39,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from maskmtl.config import ConfigError, check_keys, is_bool, is_int
 from maskmtl.masks import remove_stale_temps
 from maskmtl.outputs import CHECKPOINT, RESULTS
+from maskmtl.tools import config_dir
 from recipes.common import RunDirError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = config_dir()  # the root config folder: the checkout's conf/, or the installed copy
 SUMMARY = "data_summary.json"  # recipe=make_data's finished-run file
 FINISHED = (RESULTS, SUMMARY)
 RUN_FILES = (RESULTS, SUMMARY, CHECKPOINT, "metrics.jsonl", "masks.safetensors")

@@ -8,6 +8,7 @@ the package data ``maskmtl/conf/`` (``[tool.setuptools.package-dir]`` in ``pypro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the maskmtl package folder
@@ -23,3 +24,11 @@ def config_dir() -> Path:
             return d
     raise FileNotFoundError(f"maskmtl's config folder is missing: neither {PACKAGE / 'conf'} (an installed "
                             f"package) nor {ROOT / 'conf'} (a checkout) holds config.yaml; reinstall maskmtl")
+
+
+def exit_status(e: SystemExit) -> int:
+    """The status the interpreter would exit with for ``e`` (a message is printed, status 1)."""
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from maskmtl.tools import config_dir
+from maskmtl.tools import config_dir, exit_status
 
 
 def task(cfg: DictConfig):
@@ -33,14 +33,6 @@ def task(cfg: DictConfig):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def exit_status(e: SystemExit) -> int:
-    """The status the interpreter would exit with for ``e`` (a message is printed, status 1)."""
-    if e.code is None or isinstance(e.code, int):
-        return e.code or 0
-    print(e.code, file=sys.stderr)
-    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

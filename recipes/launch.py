@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from maskmtl.config import ConfigError, check_keys, is_bool, is_int
 from maskmtl.masks import remove_stale_temps
 from maskmtl.outputs import CHECKPOINT, RESULTS
-from maskmtl.tools import config_dir
+from recipes.tools import config_dir
 from recipes.common import RunDirError
 
 CONF = config_dir()  # the root config folder: the checkout's conf/, or the installed copy

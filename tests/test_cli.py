@@ -1,4 +1,4 @@
-"""The ``maskmtl`` command (maskmtl/cli.py): each command reaches its tool with the arguments
+"""The ``maskmtl`` command (recipes/cli.py): each command reaches its tool with the arguments
 unchanged, unknown commands are refused with status 2, the console script named in
 pyproject.toml is the one tested, the packages it lists ship the config, and Hydra's shell
 completion works for ``maskmtl run``."""
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from maskmtl import cli
-from maskmtl.tools import bench as bench_tool
-from maskmtl.tools import config_dir
+from recipes import cli
+from recipes.tools import bench as bench_tool
+from recipes.tools import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -133,7 +133,7 @@ def test_report_reaches_tools_report_and_needs_a_checkout(monkeypatch, tmp_path,
 
 
 def test_cli_does_not_import_the_recipes():
-    p = subprocess.run([sys.executable, "-c", "import sys, maskmtl.cli; "
+    p = subprocess.run([sys.executable, "-c", "import sys, recipes.cli; "
                         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('recipes', 'hydra')))"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
@@ -146,24 +146,24 @@ def test_listed_packages_are_the_tree_and_ship_the_config():
 
     tool = pyproject()["tool"]["setuptools"]
     found = set(find_namespace_packages(where=str(ROOT), include=["maskmtl*", "recipes*", "hydra_plugins*"]))
-    assert set(tool["packages"]) == found | {"maskmtl.conf"}
-    assert (ROOT / tool["package-dir"]["maskmtl.conf"]) == config_dir()
+    assert set(tool["packages"]) == found | {"recipes.conf"}
+    assert (ROOT / tool["package-dir"]["recipes.conf"]) == config_dir()
     assert (config_dir() / "config.yaml").is_file()
 
 
 def test_config_dir_prefers_the_installed_copy(monkeypatch, tmp_path):
-    import maskmtl.tools as tools
+    import recipes.tools as tools
 
-    monkeypatch.setattr(tools, "PACKAGE", tmp_path / "site" / "maskmtl")
+    monkeypatch.setattr(tools, "PACKAGE", tmp_path / "site" / "recipes")
     monkeypatch.setattr(tools, "ROOT", tmp_path / "site")
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         tools.config_dir()
     (tmp_path / "site" / "conf").mkdir(parents=True)
     (tmp_path / "site" / "conf" / "config.yaml").write_text("{}")
     assert tools.config_dir() == tmp_path / "site" / "conf"  # a checkout's
-    (tmp_path / "site" / "maskmtl" / "conf").mkdir(parents=True)
-    (tmp_path / "site" / "maskmtl" / "conf" / "config.yaml").write_text("{}")
-    assert tools.config_dir() == tmp_path / "site" / "maskmtl" / "conf"  # an installed wheel's
+    (tmp_path / "site" / "recipes" / "conf").mkdir(parents=True)
+    (tmp_path / "site" / "recipes" / "conf" / "config.yaml").write_text("{}")
+    assert tools.config_dir() == tmp_path / "site" / "recipes" / "conf"  # an installed wheel's
 
 
 # ------------------------------------------------------------------------------- shell completion

@@ -2,7 +2,7 @@
 """Export a finished run's structured mask as a smaller dense model: ``python tools/export.py
 RUN_DIR task=NAME|group=G|voting=THRESH [out=DIR atol=X rtol=X]``, the same as ``maskmtl export``.
 
-The code is ``maskmtl.tools.export`` (options, errors and exit statuses are described there).
+The code is ``recipes.tools.export`` (options, errors and exit statuses are described there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from maskmtl.tools.export import main  # noqa: E402
+from recipes.tools.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

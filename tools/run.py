@@ -3,7 +3,7 @@
 same as ``maskmtl run ...``.
 
 Options per group are listed in conf/ (one YAML per option); ``-m`` runs a multirun sweep. The
-Hydra app (its ``@hydra.main``) is ``maskmtl.tools.run``.
+Hydra app (its ``@hydra.main``) is ``recipes.tools.run``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from maskmtl.tools.run import main  # noqa: E402
+from recipes.tools.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import importlib
 import json
 import sys
 
-from maskmtl.tools import ROOT
+from recipes.tools import ROOT
 
 # name -> "module:function"; the function takes the parsed extra options (dict) and returns a dict.
 BENCHMARKS = {

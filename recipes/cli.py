@@ -1,10 +1,10 @@
 """The ``maskmtl`` command (``[project.scripts]`` in ``pyproject.toml``): the tools of ``tools/``
 under one program.
 
-    maskmtl run [HYDRA ARGS ...]         # = python tools/run.py ...     (maskmtl.tools.run)
+    maskmtl run [HYDRA ARGS ...]         # = python tools/run.py ...     (recipes.tools.run)
     maskmtl report SWEEP [OPTIONS ...]   # = python tools/report.py ...  (from a checkout)
-    maskmtl export RUN_DIR task=NAME ... # = python tools/export.py ...  (maskmtl.tools.export)
-    maskmtl bench NAME [key=value ...]   # = python tools/bench.py ...   (maskmtl.tools.bench; from a checkout)
+    maskmtl export RUN_DIR task=NAME ... # = python tools/export.py ...  (recipes.tools.export)
+    maskmtl bench NAME [key=value ...]   # = python tools/bench.py ...   (recipes.tools.bench; from a checkout)
 
 Everything after the command goes to the tool unchanged (Hydra's overrides, ``-m``, ``--cfg job``,
 ``--help``, ...) and the tool's exit status is the command's. An unknown command is one error line
@@ -26,14 +26,14 @@ import re
 import sys
 from collections.abc import Sequence
 
-from maskmtl.tools import ROOT, exit_status
+from recipes.tools import ROOT, exit_status
 
 REPORT_SCRIPT = ROOT / "tools" / "report.py"  # still a script: the report runs from a checkout
 SHELL_COMPLETION = ("-sc", "--shell-completion")
 
 
 def run(argv: list[str]) -> int:
-    from maskmtl.tools.run import main
+    from recipes.tools.run import main
 
     line = os.environ.get("COMP_LINE")
     if line is None or not any(a in SHELL_COMPLETION for a in argv):
@@ -61,13 +61,13 @@ def report(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    from maskmtl.tools.export import main
+    from recipes.tools.export import main
 
     return main(argv, prog="maskmtl export")
 
 
 def bench(argv: list[str]) -> int:
-    from maskmtl.tools.bench import main
+    from recipes.tools.bench import main
 
     return main(argv, prog="maskmtl bench")
 

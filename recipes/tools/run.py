@@ -2,7 +2,7 @@
 ``python tools/run.py ...``, the same arguments).
 
 Hydra's command line: options per group are listed in the config folder (one YAML per option,
-``maskmtl.tools.config_dir()``), ``-m`` runs a multirun sweep, ``--help`` / ``--cfg job`` /
+``recipes.tools.config_dir()``), ``-m`` runs a multirun sweep, ``--help`` / ``--cfg job`` /
 ``--shell-completion`` are Hydra's. Each job's composed config goes to ``recipes.launch.launch``.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from maskmtl.tools import config_dir, exit_status
+from recipes.tools import config_dir, exit_status
 
 
 def task(cfg: DictConfig):

@@ -1,9 +1,9 @@
-"""The command-line tools behind ``maskmtl run|export|bench`` (``maskmtl.cli``) and the scripts
+"""The command-line tools behind ``maskmtl run|export|bench`` (``recipes.cli``) and the scripts
 ``tools/run.py``, ``tools/export.py`` and ``tools/bench.py``, which call them.
 
-Where the root config is: a checkout keeps it in ``conf/`` next to the ``maskmtl`` package (an
+Where the root config is: a checkout keeps it in ``conf/`` next to the ``recipes`` package (an
 editable install, ``PYTHONPATH``, ``python tools/run.py``); a built wheel ships the same folder as
-the package data ``maskmtl/conf/`` (``[tool.setuptools.package-dir]`` in ``pyproject.toml``).
+the package data ``recipes/conf/`` (``[tool.setuptools.package-dir]`` in ``pyproject.toml``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1]  # the maskmtl package folder
+PACKAGE = Path(__file__).resolve().parents[1]  # the recipes package folder (the tools are not the core's)
 ROOT = PACKAGE.parent  # a checkout's root when maskmtl runs from one; site-packages when installed
 
 
 def config_dir() -> Path:
     """The folder holding the root ``config.yaml`` and one folder per config group: the installed
-    copy ``maskmtl/conf/`` when there is one (it exists only in an installed wheel), else the
+    copy ``recipes/conf/`` when there is one (it exists only in an installed wheel), else the
     checkout's ``conf/``."""
     for d in (PACKAGE / "conf", ROOT / "conf"):
         if (d / "config.yaml").is_file():

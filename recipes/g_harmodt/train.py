@@ -255,6 +255,15 @@ def agnostic_evaluation(setup: PromptDTSetup, masks, gate: Gate | None, gs: Gate
     return final, predictions
 
 
+def g_figures(grouping: dict | None, gate_report: dict | None, title: str, seed: int) -> tuple:
+    """``grouping.png`` (grouped runs) and ``gate.png`` (runs with a gate), for ``TrainLoop.finish``."""
+    figures = ((lambda out: plot_grouping(grouping, out / "grouping.png", title=title, seed=seed),)
+               if grouping is not None else ())
+    if gate_report is not None:
+        figures += (lambda out: plot_gate(gate_report, out / "gate.png", title=title),)
+    return figures
+
+
 def results_extra(cfg: DictConfig, masks, grouping: dict | None, gate_report: dict | None, loop: TrainLoop,
                   routing: Routing, final: EvalReport, predictions: list[dict], given: EvalReport | None) -> dict:
     """The g_harmodt keys of ``results.json`` beside the per-task results."""
@@ -335,12 +344,9 @@ def run(cfg: DictConfig) -> dict | None:
     loop.log(train.steps, final_metrics(final, given, gate_report))
     grouping = json.loads((ctx.out / GROUPING).read_text()) if masking.needs_grouping else None
     name = f"recipe g_harmodt, method {cfg.method_name}, {masks.n_groups} groups, seed {cfg.seed}"
-    figures = ((lambda out: plot_grouping(grouping, out / "grouping.png", title=name, seed=cfg.seed),)
-               if grouping is not None else ())
-    if gate_report is not None:
-        figures += (lambda out: plot_gate(gate_report, out / "gate.png", title=name),)
     return loop.finish(
-        cfg, per_task=per_task, headline="success", title=name, figures=figures,
+        cfg, per_task=per_task, headline="success", title=name,
+        figures=g_figures(grouping, gate_report, name, cfg.seed),
         reports=gate_reports(gate_report, gs, tasks, masks.task_to_group),
         table=f"g_harmodt ({cfg.method_name}, {masks.n_groups} groups, gate: {gs.target}): task-agnostic success "
               f"after {train.steps} steps",

@@ -188,6 +188,11 @@ def _logged_metrics(rows: list[dict]) -> set[str]:
     return {k.split("/", 2)[2] for row in rows for k in row if k.count("/") == 2 and k.startswith("eval/")}
 
 
+def _fit(label: str, width: int = 48) -> str:
+    """A panel title that fits its panel: long labels (a task set) shortened in the middle."""
+    return label if len(label) <= width else f"{label[:width // 2 - 1]}…{label[-(width // 2 - 1):]}"
+
+
 def _logged_tasks(rows: list[dict], metric: str) -> list[str]:
     """The tasks a log has ``eval/<task>/<metric>`` for, in the order it logged them."""
     return list(dict.fromkeys(k.split("/")[1] for row in rows for k in row
@@ -570,11 +575,11 @@ def curves_png(cells: list[dict], metric: str, ci: str = "t", baseline: dict[str
     for k, col in enumerate(col_labels):
         in_col = [c for c in cells if _label(c["col"]) == col]
         _errorbar_panel(axes[1][k], [(_label(c["row"]), c["mean"], c["ci"][ci]) for c in in_col],
-                        f"{metric} (mean over seeds)", f"{col}: 95 % CI ({CI_KINDS[ci]})")
+                        f"{metric} (mean over seeds)", f"{_fit(col)}: 95 % CI ({CI_KINDS[ci]})")
         if baseline is not None:
             pts = [(_label(c["row"]), c["diff"]["mean"], c["diff"]["ci"][ci]) for c in in_col
                    if c["diff"] is not None and "n" in c["diff"] and c["diff"]["n"] > 0]
-            _errorbar_panel(axes[2][k], pts, f"Δ {metric} (paired by seed)", f"{col}: vs {_label(baseline)}", zero=True)
+            _errorbar_panel(axes[2][k], pts, f"Δ {metric} (paired by seed)", f"{_fit(col)}: vs {_label(baseline)}", zero=True)
     for ax, col in zip(axes[0], col_labels):
         for c in (c for c in cells if _label(c["col"]) == col):
             steps = sorted({s for r in c["runs"] for s in r.curve})
@@ -587,7 +592,7 @@ def curves_png(cells: list[dict], metric: str, ci: str = "t", baseline: dict[str
             line, = ax.plot(x, mean, label=f"{_label(c['row'])} (n={c['n']}{', partial' if c['partial'] else ''})")
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="step", ylabel=f"{metric} (mean over tasks)", title=col)
+        ax.set(xlabel="step", ylabel=f"{metric} (mean over tasks)", title=_fit(col))
         ax.legend(fontsize=7)
     return _png(fig)
 

@@ -188,7 +188,7 @@ def _logged_metrics(rows: list[dict]) -> set[str]:
     return {k.split("/", 2)[2] for row in rows for k in row if k.count("/") == 2 and k.startswith("eval/")}
 
 
-def _fit(label: str, width: int = 48) -> str:
+def _fit(label: str, width: int = 30) -> str:
     """A panel title that fits its panel: long labels (a task set) shortened in the middle."""
     return label if len(label) <= width else f"{label[:width // 2 - 1]}…{label[-(width // 2 - 1):]}"
 

@@ -122,7 +122,7 @@ class TrainLoop:
     multi: a ``recipes.common.MultiTaskStep`` (``train.gradient=mean|pcgrad|cagrad``) or None.
     dense_until: steps ``<= dense_until`` train dense θ without masks (G-HarmoDT's warm-up).
     grouping_at: the step at which the tasks are grouped (0: never); mask updates start after it.
-    on_grouped: ``on_grouped(step, grouping)``: what the recipe records of a grouping; returns metrics.
+    on_grouped: ``on_grouped(step, grouping)``: what the recipe records of a grouping (files).
     on_step: ``on_step(step, metrics)``: more work at the end of each step (a gate trained alongside).
     train_info: ``train_info(step, task)``: the logged training keys beside ``train/loss``
         (default: ``train/lr``).
@@ -135,14 +135,14 @@ class TrainLoop:
 
     def __init__(self, ctx: RunContext, spec: TrainSpec, *, model: torch.nn.Module, masking, loss_fn: Callable,
                  batch_for: Callable, score_batches: Callable, generators: dict, numpy_rngs: dict | None = None,
-                 optimizer=None, multi=None, dense_until: int = 0, grouping_at: int = 0,
+                 multi=None, dense_until: int = 0, grouping_at: int = 0,
                  on_grouped: Callable | None = None, on_step: Callable | None = None,
                  train_info: Callable | None = None, evaluate: Callable | None = None,
                  evaluate_last_step: bool = False, best_key: str = "mean_success",
                  extra_state: Callable | None = None):
         self.ctx, self.spec, self.model, self.masking = ctx, spec, model, masking
         self.masks = masking.masks
-        self.optimizer = optimizer if optimizer is not None else masked_optimizer(model, self.masks, spec)
+        self.optimizer = masked_optimizer(model, self.masks, spec)
         self.loss_fn, self.batch_for, self.score_batches = loss_fn, batch_for, score_batches
         self.generators, self.numpy_rngs, self.multi = generators, numpy_rngs, multi
         self.dense_until, self.grouping_at = int(dense_until), int(grouping_at)
@@ -231,9 +231,10 @@ class TrainLoop:
                             structures=masking.structures)
         check_schedule(masking.scheduler, masks, structures=masking.structures)
         masking.updater.track(masks)  # the group masks are the initial masks of the updates that follow
-        metrics = self.on_grouped(step, g) if self.on_grouped is not None else {}
+        if self.on_grouped is not None:
+            self.on_grouped(step, g)
         print(f"step {step}: grouped tasks {dict(zip(tasks, g['task_to_group']))}")
-        return {"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)} | (metrics or {})
+        return {"mask/harmony": g["harmony"], "mask/groups": float(masks.n_groups)}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -245,7 +246,7 @@ class TrainLoop:
             for step in range(self.start + 1, spec.steps + 1):
                 loss, task = self.step(step)
                 metrics = {}
-                if self.grouping_at and masking.needs_grouping and step == self.grouping_at:
+                if step == self.grouping_at:  # 0 (no grouping) is never a step
                     metrics.update(self.group(step))
                 elif step > self.grouping_at and masking.updater.due(step):  # Algorithm 2 / 5
                     metrics.update(progress.mask_update(step, masking.updater.update(

@@ -218,13 +218,12 @@ def gate_maker(gs: GateSpec, dataset, masks, seed: int, device):
 
 def grouping_recorder(out, tasks: list[str]):
     """``on_grouped(step, grouping)``: writes ``grouping.json`` and the tasks' harmony vectors."""
-    def on_grouped(step: int, g: dict) -> dict:
+    def on_grouped(step: int, g: dict) -> None:
         from safetensors.torch import save as st_save
 
         write_json(out / GROUPING, group_record(tasks, g, step))
         vectors = g["task_vectors"].detach().float().cpu().contiguous()
         atomic_write_bytes(out / VECTORS, st_save({"vectors": vectors}, metadata={"tasks": json.dumps(tasks)}))
-        return {}
     return on_grouped
 
 

@@ -108,12 +108,6 @@ def segment_batches(sampler: SegmentSampler, batch_size: int, grad_batches: int,
     return batch_for, score_batches
 
 
-def evaluate(ev: EvalSpec, model, masking: Masking, sampler: SegmentSampler, rtg_target: np.ndarray,
-             envs: list[list], device, *, prompt: bool, task_ids: bool) -> EvalReport:
-    """``ev.episodes`` episodes of every task, ``ev.parallel`` at a time per task."""
-    return play(ev, model, masking.masks, sampler, rtg_target, envs, prompt=prompt, task_ids=task_ids, device=device)
-
-
 def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: np.ndarray, envs: list[list], *,
          prompt: bool, task_ids: bool, device, seed_offset: int = 0) -> EvalReport:
     """Evaluate ``model`` under ``masks`` (one row per task of ``sampler``): prompts, state statistics and
@@ -203,8 +197,8 @@ class PromptDTSetup:
 
     def evaluate(self, masking: Masking) -> EvalReport:
         self.envs = self.envs or make_envs(self.tasks, self.ev)
-        return evaluate(self.ev, self.model, masking, self.sampler, self.rtg_target, self.envs, self.device,
-                        prompt=self.spec.prompt, task_ids=self.spec.task_id)
+        return play(self.ev, self.model, masking.masks, self.sampler, self.rtg_target, self.envs,
+                    prompt=self.spec.prompt, task_ids=self.spec.task_id, device=self.device)
 
 
 def mean_success(report: EvalReport) -> float:

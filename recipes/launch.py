@@ -137,6 +137,9 @@ def check_shared(cfg: DictConfig) -> None:
     from recipes.common import check_gradient_config, resolve_threads, train_keys
 
     check_keys(cfg, SHARED_KEYS + train_keys() + _masking_keys())
+    from recipes.loggers import check_logger
+
+    check_logger(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") is not None else None)
     resolve_threads(cfg.get("threads"))
     if "gradient" in cfg.train:  # recipes whose loop offers gradient surgery (harmodt)
         check_gradient_config(cfg)

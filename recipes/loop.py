@@ -37,7 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedAdamW, check_schedule, group_tasks, save_checkpoint, save_masks
-from maskmtl.outputs import CHECKPOINT, MASKS, METRICS, MetricsLog
+from maskmtl.outputs import CHECKPOINT, MASKS, METRICS
+from recipes.loggers import RunLog, check_logger, open_sinks
 from recipes.common import (Preemption, diagnostics_summary, kill_point, metrics_rows, next_task, phase, plot_curves,
                             plot_diagnostics, plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
@@ -87,12 +88,17 @@ class RunContext:
     seed: int
     t_start: float
     dry_run: bool = False
+    logger: Mapping[str, Any] | None = None  # the ``logger`` node: sinks beside metrics.jsonl (recipes.loggers)
+    config: Mapping[str, Any] | None = None  # the resolved config, for a sink that records it (W&B)
 
     @classmethod
     def start(cls, cfg: DictConfig) -> "RunContext":
         """``start_run`` (train.* checked, threads, device, global seeds) and the values the loop uses."""
         t_start, device, out = start_run(cfg)
-        return cls(out=out, device=device, seed=int(cfg.seed), t_start=t_start, dry_run=bool(cfg.dry_run))
+        logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") is not None else None
+        check_logger(logger)
+        return cls(out=out, device=device, seed=int(cfg.seed), t_start=t_start, dry_run=bool(cfg.dry_run),
+                   logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def masked_optimizer(model: torch.nn.Module, masks, spec: TrainSpec) -> MaskedAdamW:
@@ -152,6 +158,7 @@ class TrainLoop:
         self.n_tasks = self.masks.n_tasks
         self.start, self.extra, self.checkpoint_path = 0, {}, None
         self.wall_before, self.best = 0.0, None
+        self._sinks: list | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -240,7 +247,7 @@ class TrainLoop:
     def train(self) -> None:
         """Steps ``start + 1 .. steps``, then the checkpoint of the trained state."""
         spec, masking = self.spec, self.masking
-        log = MetricsLog(self.out / METRICS, resume_step=self.start)  # the checkpoint's step, 0 for a fresh start
+        log = self.run_log(resume_step=self.start)  # the checkpoint's step, 0 for a fresh start
         self.model.train()
         with training_progress(spec.steps, self.start) as progress, Preemption() as preemption:
             for step in range(self.start + 1, spec.steps + 1):
@@ -275,9 +282,15 @@ class TrainLoop:
         kill_point("final_eval")
 
     # ------------------------------------------------------------------ the end
+    def run_log(self, resume_step: int | None = None) -> RunLog:
+        """``metrics.jsonl`` with the sinks of ``logger=`` (opened at the first call, kept for the run)."""
+        if self._sinks is None:
+            self._sinks = open_sinks(self.out, self.ctx.logger, self.ctx.config)
+        return RunLog(self.out, self._sinks, resume_step=resume_step)
+
     def log(self, step: int, metrics: dict) -> None:
         """Append one row to the metrics log after training (a final evaluation, the gate's steps)."""
-        log = MetricsLog(self.out / METRICS)
+        log = self.run_log()
         log.log(step, metrics)
         log.close()
 
@@ -300,6 +313,11 @@ class TrainLoop:
         plot_diagnostics(out / METRICS, out / "diagnostics.png", title=title)  # runs with mask updates
         for figure in figures:
             figure(out)
+        log = self.run_log()  # the figures to the sinks that take images (TensorBoard, W&B)
+        log.figures(sorted(out.glob("*.png")), self.spec.steps)
+        log.close()
+        for sink in self._sinks:
+            sink.close()
         kill_point("results")
         extra = dict(extra) | {"mask_diagnostics": diagnostics_summary(out / METRICS)}
         results = write_results(out, cfg, tasks=list(self.masks.tasks), per_task=per_task, headline=headline,

@@ -51,7 +51,8 @@ class Recipe:
 
     def __init__(self, cfg, out: Path, on_step=None):
         seed_everything(cfg.seed)
-        self.ctx = RunContext(out=out, device=torch.device("cpu"), seed=int(cfg.seed), t_start=0.0)
+        self.ctx = RunContext(out=out, device=torch.device("cpu"), seed=int(cfg.seed), t_start=0.0,
+                              logger=OmegaConf.to_container(cfg.logger))
         self.spec = TrainSpec.from_config(cfg.train)
         self.model = Net()
         self.masking = Masking(cfg, self.model, TASKS, make_generator(cfg.seed, 1))

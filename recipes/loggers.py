@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -28,6 +29,7 @@ from maskmtl.outputs import METRICS, MetricsLog, read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
 SINKS = ("tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -85,13 +87,14 @@ class TensorBoardSink:
         for key, value in scalars(metrics).items():
             writer.add_scalar(key, value, int(step))
 
-    def figure(self, name: str, path: Path, step: int) -> None:
+    def figures(self, paths: Mapping[str, Path], step: int) -> None:
         if not self.images:
             return
         import matplotlib.image
 
-        image = matplotlib.image.imread(str(path))  # H x W x (3|4) floats in [0, 1]
-        self._open().add_image(f"figures/{name}", image[..., :3], int(step), dataformats="HWC")
+        for name, path in paths.items():
+            image = matplotlib.image.imread(str(path))  # H x W x (3|4) floats in [0, 1]
+            self._open().add_image(f"figures/{name}", image[..., :3], int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -114,8 +117,8 @@ class WandbSink:
         except ImportError:
             raise ConfigError("logger=wandb needs the wandb package (`pip install wandb`); or run with "
                               "logger=jsonl / logger=tensorboard") from None
-        if mode not in ("online", "offline", "disabled"):
-            raise ConfigError(f"logger.wandb.mode={mode!r}: expected online, offline or disabled")
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logger.wandb.mode={mode!r}: expected one of {list(WANDB_MODES)}")
         self._wandb = wandb
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ class WandbSink:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]  # W&B's ids: letters and digits
             id_file.write_text(run_id + "\n")
         self._run = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
                                dir=str(self.directory), config=dict(config))
@@ -134,8 +137,9 @@ class WandbSink:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         self._run.log(scalars(metrics), step=int(step))
 
-    def figure(self, name: str, path: Path, step: int) -> None:
-        self._run.log({f"figures/{name}": self._wandb.Image(str(path))}, step=int(step))
+    def figures(self, paths: Mapping[str, Path], step: int) -> None:
+        self._run.log({f"figures/{name}": self._wandb.Image(str(path)) for name, path in paths.items()},
+                      step=int(step))
 
     def flush(self) -> None:
         """W&B sends in the background."""
@@ -173,6 +177,9 @@ def check_logger(logger_cfg: Mapping[str, Any] | None) -> None:
             except ImportError:
                 raise ConfigError("logger=wandb needs the wandb package: `pip install wandb`, or run with "
                                   "logger=jsonl / logger=tensorboard") from None
+            mode = dict(logger_cfg["wandb"] or {}).get("mode", "online")
+            if mode not in WANDB_MODES:
+                raise ConfigError(f"logger.wandb.mode={mode!r}: expected one of {list(WANDB_MODES)}")
 
 
 def open_sinks(out: Path, logger_cfg: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None) -> list:
@@ -210,11 +217,10 @@ class RunLog:
 
     def figures(self, paths: Iterable[Path], step: int) -> None:
         """The run's figures (PNG files that exist) to every sink that takes images."""
-        for path in paths:
-            path = Path(path)
-            if path.exists():
-                for sink in self.sinks:
-                    sink.figure(path.stem, path, step)
+        found = {Path(p).stem: Path(p) for p in paths if Path(p).exists()}
+        if found:
+            for sink in self.sinks:
+                sink.figures(found, step)
 
     def close(self) -> None:
         self.jsonl.close()

@@ -144,3 +144,53 @@ def test_a_recipe_run_with_tensorboard(tmp_path):
                     "logger=tensorboard", f"hydra.run.dir={out}"], check=True, capture_output=True, cwd=ROOT)
     got, images = events(out / "tensorboard")
     assert got == expected(out) and "figures/curves" in images
+
+
+class FakeWandb:
+    """Records what the W&B sink asks of the wandb package (its API: init, Run.log, Image, finish)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+        fake = self
+
+        class Run:
+            def log(self, data, step):
+                fake.logged.append((step, data))
+
+            def finish(self):
+                fake.finished += 1
+        self.Run = Run
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self.Run()
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+
+def test_wandb_sink_logs_rows_and_figures_and_resumes_the_same_run(tmp_path, monkeypatch):
+    """Without the package here, against a stand-in for its API: the run id is kept in the run
+    folder so a resume continues the same W&B run; rows go with their steps, figures as images."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    from recipes.loggers import open_sinks
+
+    cfg = config("logger=wandb", "logger.wandb.mode=offline")
+    r = Recipe(cfg, tmp_path)
+    r.loop.restore()
+    r.loop.train()
+    r.loop.finish(cfg, per_task={t: {"loss": 1.0} for t in TASKS}, headline="loss", title="t", table="t", extra={})
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert fake.inits[0]["id"] == run_id and fake.inits[0]["resume"] == "allow" and fake.inits[0]["mode"] == "offline"
+    steps = [s for s, d in fake.logged if "train/loss" in d]
+    assert steps == [x["step"] for x in rows(tmp_path) if "train/loss" in x]
+    step, figures = fake.logged[-1]
+    assert step == cfg.train.steps and sorted(figures) == ["figures/curves", "figures/diagnostics", "figures/masks"]
+    assert fake.finished == 1
+    open_sinks(tmp_path, {"wandb": {"mode": "offline"}})  # the same folder again: the same W&B run
+    assert fake.inits[1]["id"] == run_id
+    for refuse in (check_logger, lambda c: open_sinks(tmp_path, c)):  # at launch, and where the sink opens
+        with pytest.raises(ConfigError, match=r"logger\.wandb\.mode='later'"):
+            refuse({"wandb": {"mode": "later"}})

@@ -101,13 +101,18 @@ def test_wrong_spaces_and_missing_dataset(tmp_path):
     assert dataset_id("reach", "sub_optimal", 3) == "metaworld/reach-v3/sub_optimal-v3"
 
 
-def test_make_data_checks_format():
+def test_make_data_checks_format(tiny, tmp_path):
     from omegaconf import OmegaConf
 
     from maskmtl.config import ConfigError
     from recipes.metaworld.make_data import check_export_config
 
-    check_export_config(OmegaConf.create({"format": "minari", "minari_version": 0}))
+    cfg = OmegaConf.create({"format": "minari", "minari_version": 0, "minari_root": str(tmp_path / "m"),
+                            "data": {"composition": "near_optimal", "tasks": ["reach-v3", "push-v3"]}})
+    check_export_config(cfg)
+    export_minari(tiny, "near_optimal", tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"metaworld/reach-v3/near_optimal-v0 already exists .*minari_version"):
+        check_export_config(cfg)  # before any data is made
     with pytest.raises(ConfigError, match="format='parquet'"):
         check_export_config(OmegaConf.create({"format": "parquet"}))
     with pytest.raises(ConfigError, match="minari_version=-1"):

@@ -139,6 +139,15 @@ def check_export_config(cfg: DictConfig) -> None:
             import minari  # noqa: F401
         except ImportError:
             raise ConfigError("format=minari needs the minari package: pip install -e '.[minari]'") from None
+        from recipes.metaworld.minari_format import existing
+
+        data = _require_data(cfg.get("data"))
+        taken = existing(dataset_tasks(data), str(data["composition"]), cfg.get("minari_root"), v)
+        if taken:
+            did, path = next(iter(taken.items()))
+            raise ConfigError(f"format=minari: Minari dataset {did} already exists at {path} ({len(taken)} of the "
+                              f"ids are taken); nothing is overwritten: delete it, or choose another "
+                              f"minari_version=N or minari_root=DIR")
 
 
 def check_data_config(data: Mapping[str, Any]) -> None:

@@ -104,6 +104,14 @@ def _buffers(data: TaskData) -> list:
     return out
 
 
+def existing(tasks: Sequence[str], composition: str, minari_root: str | Path | None = None,
+             version: int = 0) -> dict[str, Path]:
+    """``{id: folder}`` of the ids :func:`export_minari` would write that already exist."""
+    root = root_dir(minari_root)
+    ids = [dataset_id(t, composition, version) for t in tasks]
+    return {i: root / i for i in ids if (root / i).exists()}
+
+
 def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | Path | None = None,
                   version: int = 0, source: str | None = None) -> dict[str, str]:
     """Write every task of ``dataset`` as Minari dataset :func:`dataset_id`; returns ``{id: folder}``.
@@ -118,7 +126,7 @@ def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | 
 
     ids = {t: dataset_id(t, composition, version) for t in dataset.tasks}
     with _root(minari_root) as root:
-        taken = {i: root / i for i in ids.values() if (root / i).exists()}
+        taken = existing(dataset.tasks, composition, root, version)
         if taken:
             i, p = next(iter(taken.items()))
             raise DatasetError(f"Minari dataset {i} already exists at {p}; nothing was overwritten. Delete it, "

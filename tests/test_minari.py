@@ -82,12 +82,27 @@ def test_minari_layout_and_provenance(tiny, tmp_path):
 
 def test_overwrite_refused_and_names_the_dataset(tiny, tmp_path):
     export_minari(tiny, "near_optimal", tmp_path / "minari")
-    stamp = (tmp_path / "minari" / "metaworld" / "reach-v3" / "near_optimal-v0" / "data" / "metadata.json").stat().st_mtime_ns
+    meta = tmp_path / "minari" / "metaworld" / "reach-v3" / "near_optimal-v0" / "data" / "metadata.json"
+    stamp = meta.stat().st_mtime_ns
     with pytest.raises(DatasetError, match=r"metaworld/reach-v3/near_optimal-v0 already exists at .*minari"):
         export_minari(tiny, "near_optimal", tmp_path / "minari")
-    assert (tmp_path / "minari" / "metaworld" / "reach-v3" / "near_optimal-v0" / "data" / "metadata.json").stat().st_mtime_ns \
-        == stamp
+    assert meta.stat().st_mtime_ns == stamp
     export_minari(tiny, "near_optimal", tmp_path / "minari", version=1)  # another version is fine
+
+
+def test_failed_write_leaves_no_dataset(tiny, tmp_path, monkeypatch):
+    real = minari.create_dataset_from_buffers
+
+    def full_disk(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", full_disk)
+    with pytest.raises(DatasetError, match=r"metaworld/reach-v3/near_optimal-v0 at .*No space left"):
+        export_minari(tiny, "near_optimal", tmp_path / "minari")
+    assert not (tmp_path / "minari" / "metaworld" / "reach-v3" / "near_optimal-v0").exists()
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", real)
+    export_minari(tiny, "near_optimal", tmp_path / "minari")  # the id is free again
 
 
 def test_wrong_spaces_and_missing_dataset(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -116,13 +117,13 @@ def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | 
                   version: int = 0, source: str | None = None) -> dict[str, str]:
     """Write every task of ``dataset`` as Minari dataset :func:`dataset_id`; returns ``{id: folder}``.
 
-    The task's provenance (generator spec, seeds, library versions) and, with ``source`` the
-    maskmtl dataset folder, the stored archive's sha256 go into the metadata (``maskmtl_provenance``, ``description``). Raises
-    :class:`DatasetError` naming the id and folder, before writing anything, when one exists.
+    The task's provenance (generator spec, seeds, library versions) and, with ``source`` the maskmtl
+    dataset folder, the stored archive's sha256 go into the metadata (``maskmtl_provenance``,
+    ``description``). Raises :class:`DatasetError` naming the id and folder, before writing anything,
+    when one exists. Minari writes in place, so a dataset whose writing fails is removed again.
     """
     minari = _minari()
     import gymnasium as gym
-
 
     ids = {t: dataset_id(t, composition, version) for t in dataset.tasks}
     with _root(minari_root) as root:
@@ -138,13 +139,15 @@ def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | 
             obs_space = gym.spaces.Box(-np.inf, np.inf, (d.obs_dim,), np.float32)
             act_space = gym.spaces.Box(-1.0, 1.0, (d.act_dim,), np.float32)
             prov = dict(d.provenance)
-            if source is not None and task_paths(source, task)[1].is_file():  # the stored file's size and hash
+            if source is not None and task_paths(source, task)[1].is_file():  # the stored archive's size, hash
                 side = read_sidecar(source, task)
                 prov["stored_as"] = {"dataset_dir": str(source), "format": side.get("format"),
                                      "npz_sha256": side.get("npz_sha256"), "npz_bytes": side.get("npz_bytes")}
+            summary = {k: prov[k] for k in ("generator", "spec", "versions", "python", "source", "stored_as")
+                       if k in prov}
             description = (f"maskmtl Meta-World offline data: task {task}, composition {composition}, "
                            f"{d.n_episodes} episodes / {d.n_transitions} transitions. Provenance: "
-                           f"{json.dumps({k: prov[k] for k in ('generator', 'spec', 'versions', 'python', 'source', 'stored_as') if k in prov}, sort_keys=True)}")
+                           f"{json.dumps(summary, sort_keys=True)}")
             try:
                 with warnings.catch_warnings():  # no email, no collecting env: said in the description
                     warnings.filterwarnings("ignore", message=".*(author_email|env_spec is None).*")
@@ -155,13 +158,18 @@ def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | 
                         algorithm_name=str(prov.get("generator", "maskmtl")),
                         code_permalink="recipes/metaworld/generate.py", author="maskmtl",
                         description=description, data_format="hdf5")
-            except ValueError as e:
-                raise DatasetError(f"Minari dataset {did} at {root / did}: {e}") from e
-            ds = minari.load_dataset(did)
-            ds.storage.update_metadata({"maskmtl_provenance": json.dumps(prov, sort_keys=True),
-                                        "maskmtl_source": str(source or ""),
-                                        "maskmtl_final_observation": FINAL_OBSERVATION,
-                                        "maskmtl_task": task, "maskmtl_composition": composition})
+                ds = minari.load_dataset(did)
+                ds.storage.update_metadata({"maskmtl_provenance": json.dumps(prov, sort_keys=True),
+                                            "maskmtl_source": str(source or ""),
+                                            "maskmtl_final_observation": FINAL_OBSERVATION,
+                                            "maskmtl_task": task, "maskmtl_composition": composition})
+            except BaseException as e:
+                # Minari writes its files in place: a half-written dataset would block the id, so the
+                # folder (absent before, checked above) goes again
+                shutil.rmtree(root / did, ignore_errors=True)
+                if isinstance(e, (ValueError, OSError)):
+                    raise DatasetError(f"Minari dataset {did} at {root / did}: cannot write it ({e})") from e
+                raise
             written[did] = str(root / did)
     return written
 

@@ -213,7 +213,11 @@ def read_minari_task(did: str, task: str | None = None, minari_root: str | Path 
                         "rewards": np.asarray(ep.rewards, np.float32)})
             s = (ep.infos or {}).get("success")
             flags.append(None if s is None else bool(np.any(np.asarray(s))))
-    name = canonical_task(task or meta.get("maskmtl_task") or did.split("/")[-2])
+    parts = did.split("/")
+    name = task or meta.get("maskmtl_task") or (parts[-2] if len(parts) >= 3 else None)
+    if name is None:
+        raise DatasetError(f"Minari dataset {did} at {path}: which Meta-World task it holds is unknown; give task=")
+    name = canonical_task(name)
     prov = json.loads(meta["maskmtl_provenance"]) if meta.get("maskmtl_provenance") else {}
     prov = {**prov, "minari_id": did, "minari_path": str(path)}
     data = TaskData.from_episodes(name, eps, flags if all(f is not None for f in flags) else None, prov)

@@ -105,6 +105,26 @@ def test_failed_write_leaves_no_dataset(tiny, tmp_path, monkeypatch):
     export_minari(tiny, "near_optimal", tmp_path / "minari")  # the id is free again
 
 
+@pytest.mark.filterwarnings("ignore:.*is set to None:UserWarning", "ignore:env_spec is None:UserWarning")
+def test_foreign_dataset_with_the_same_spaces(tmp_path, monkeypatch):
+    import gymnasium as gym
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "foreign"))
+    rng = np.random.default_rng(5)
+    buffers = [EpisodeBuffer(id=i, observations=rng.normal(size=(T + 1, 39)), actions=rng.uniform(-1, 1, (T, 4)),
+                             rewards=rng.normal(size=T), terminations=np.zeros(T, bool),
+                             truncations=np.arange(T) == T - 1, infos={"success": np.arange(T + 1) > T - 2})
+               for i, T in enumerate((6, 9))]
+    minari.create_dataset_from_buffers("someone/door-open-v0", buffers, observation_space=gym.spaces.Box(
+        -np.inf, np.inf, (39,)), action_space=gym.spaces.Box(-1, 1, (4,)), author="x", author_email="x@y")
+    back = read_minari(["door-open-v3"], ids={"door-open-v3": "someone/door-open-v0"})
+    d = back["door-open-v3"]
+    assert d.observations.dtype == np.float32 and d.episode_lengths().tolist() == [6, 9]
+    np.testing.assert_array_equal(d.observations[:6], buffers[0].observations[:6].astype(np.float32))
+    assert d.success.tolist() == [True, True] and d.provenance["minari_id"] == "someone/door-open-v0"
+
+
 def test_wrong_spaces_and_missing_dataset(tmp_path):
     small = OfflineDataset(["reach-v3"], {"reach-v3": _task("reach-v3", [5, 6], 0, obs_dim=7)})
     export_minari(small, "near_optimal", tmp_path / "minari")

@@ -150,7 +150,8 @@ def export_minari(dataset: OfflineDataset, composition: str, minari_root: str | 
                            f"{json.dumps(summary, sort_keys=True)}")
             try:
                 with warnings.catch_warnings():  # no email, no collecting env: said in the description
-                    warnings.filterwarnings("ignore", message=".*(author_email|env_spec is None).*")
+                    warnings.filterwarnings(
+                        "ignore", message=".*(author_email|eval_env. is set to None|env_spec is None).*")
                     minari.create_dataset_from_buffers(
                         dataset_id=did, buffer=_buffers(d), env=None,
                         eval_env=_eval_env_spec(task, prov) if "spec" in prov else None,

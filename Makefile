@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 
 .stamp-install: pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
-	$(PIP) install -q -e ".[test,slurm,rl,logging]"
+	$(PIP) install -q -e ".[test,slurm,rl,logging,minari]"
 	@touch $@
 
 install: .stamp-install

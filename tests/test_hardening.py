@@ -179,6 +179,8 @@ BAD = [
     (MAKE + ["data.checkpoint_every=0"], "data.checkpoint_every=0"),
     (MAKE + ["data.tasks=[]"], "data.tasks=[]"),
     (MAKE + ["data.transitions_per_task=-5"], "data.transitions_per_task=-5"),
+    (MAKE + ["format=parquet"], "format='parquet'"),
+    (MAKE + ["format=minari", "minari_version=-1"], "minari_version=-1"),
 ]
 
 

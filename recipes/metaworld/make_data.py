@@ -3,6 +3,8 @@
     python tools/run.py recipe=make_data data=mt10_near     # generate, validate, print figures
     python tools/run.py recipe=make_data data=mt10_sub data.workers=4
     python tools/run.py recipe=make_data debug=smoke       # two tasks, four short episodes each
+    python tools/run.py recipe=make_data data=mt10_near format=minari minari_root=DIR
+        # also written as Minari datasets metaworld/<task>/<composition>-v<minari_version>
 """
 
 from __future__ import annotations
@@ -118,6 +120,34 @@ def check_config(cfg: DictConfig) -> None:
     """Before any data is made: the data node, its task lists and generation sizes."""
     data = _require_data(cfg.get("data"))
     check_data_config(data)
+    check_export_config(cfg)
+
+
+FORMATS = ("npz", "minari")
+
+
+def check_export_config(cfg: DictConfig) -> None:
+    """``format`` (npz: the dataset folder only | minari: also Minari datasets), ``minari_version``."""
+    fmt = cfg.get("format", "npz")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: expected one of {', '.join(FORMATS)} (conf/recipe/make_data.yaml)")
+    v = cfg.get("minari_version", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"minari_version={v!r}: expected an integer >= 0 (the -v<N> of the Minari dataset ids)")
+    if fmt == "minari":
+        try:
+            import minari  # noqa: F401
+        except ImportError:
+            raise ConfigError("format=minari needs the minari package: pip install -e '.[minari]'") from None
+        from recipes.metaworld.minari_format import existing
+
+        data = _require_data(cfg.get("data"))
+        taken = existing(dataset_tasks(data), str(data["composition"]), cfg.get("minari_root"), v)
+        if taken:
+            did, path = next(iter(taken.items()))
+            raise ConfigError(f"format=minari: Minari dataset {did} already exists at {path} ({len(taken)} of the "
+                              f"ids are taken); nothing is overwritten: delete it, or choose another "
+                              f"minari_version=N or minari_root=DIR")
 
 
 def check_data_config(data: Mapping[str, Any]) -> None:
@@ -195,5 +225,13 @@ def run(cfg: DictConfig) -> dict:
     if summary["demonstrations"]:
         demos = summary["demonstrations"]
         print(f"prompt demonstrations: {demos['per_task']} per task, success {demos['success_rate']:.3f}")
+    if cfg.get("format", "npz") == "minari":
+        from recipes.metaworld.minari_format import export_minari, root_dir
+
+        print(f"writing Minari datasets under {root_dir(cfg.get('minari_root'))}")
+        summary["minari"] = export_minari(dataset, str(data["composition"]), cfg.get("minari_root"),
+                                          int(cfg.get("minari_version", 0)), source=str(directory))
+        for did in summary["minari"]:
+            print(f"  {did}")
     write_json(run_dir() / "data_summary.json", summary)
     return summary

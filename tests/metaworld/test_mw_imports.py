@@ -23,3 +23,8 @@ def test_loading_and_sampling_need_no_simulator():
     mods = _loaded_after("import recipes.metaworld.storage, recipes.metaworld.readers, recipes.metaworld.sampler, "
                          "recipes.metaworld.make_data, recipes.metaworld.tasksets")
     assert not {m for m in mods if m.startswith(("metaworld", "mujoco", "gymnasium"))}
+
+
+def test_minari_module_loads_minari_only_when_used():
+    mods = _loaded_after("import recipes.metaworld.minari_format")
+    assert not {m for m in mods if m.startswith(("metaworld", "mujoco", "gymnasium", "minari", "h5py"))}

@@ -441,3 +441,42 @@ def test_masked_adamw_rejects_an_unknown_impl():
     model, masks = _impl_setup()
     with pytest.raises(ValueError, match="impl must be one of"):
         MaskedAdamW(model.named_parameters(), masks, impl="fused")
+
+
+def test_compiled_masked_adamw_eager_fallback_matches(monkeypatch):
+    """Where torch.compile is unavailable the same update runs eagerly: still the masked AdamW."""
+    from maskmtl import apply
+
+    model, masks = _impl_setup()
+    twin = copy.deepcopy(model)
+    ref = MaskedAdamW(model.named_parameters(), masks, lr=1e-2, weight_decay=0.1)
+    monkeypatch.setitem(apply._COMPILED, "update", apply._adamw_update)
+    eager = MaskedAdamW(twin.named_parameters(), masks, lr=1e-2, weight_decay=0.1, impl="compiled")
+    for step, group in enumerate([None, 0, 1, 2]):
+        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        for m, opt in ((model, ref), (twin, eager)):
+            opt.zero_grad(set_to_none=True)
+            _impl_loss(m if group is None else MaskedModel(m, masks).bind(group), step).backward()
+            opt.step(group=group)
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+            if group is not None and n in masks.names:
+                off = ~masks[n][group]
+                assert torch.equal(q.detach()[off], before[n][off])
+
+
+def test_train_optimizer_impl_key():
+    from omegaconf import OmegaConf
+
+    from maskmtl.config import ConfigError, check_keys
+    from recipes.common import train_keys
+    from recipes.loop import TrainSpec
+
+    base = dict(steps=1, batch_size=1, lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, task_sampling="round_robin",
+                log_every=1, eval_every=0, checkpoint_every=0)
+    assert TrainSpec.from_config(OmegaConf.create(base)).optimizer_impl == "reference"
+    cfg = OmegaConf.create({"train": base | {"optimizer_impl": "compiled"}})
+    check_keys(cfg, train_keys())
+    assert TrainSpec.from_config(cfg.train).optimizer_impl == "compiled"
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        check_keys(OmegaConf.create({"train": base | {"optimizer_impl": "fused"}}), train_keys())

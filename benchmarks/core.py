@@ -98,16 +98,26 @@ def _start(threads, device, batches):
 
 
 def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, density=0.8, reps=15,
-                  rounds=4, threads=None, seed=0, device="cpu") -> dict:
+                  rounds=4, threads=None, seed=0, device="cpu", optimizer_impl="reference",
+                  dense_fused=False) -> dict:
     """Median time of one training step (forward, backward, optimizer), masked vs dense, for any
-    model: dense = the plain module with ``torch.optim.AdamW``; masked = ``MaskedModel`` (θ⊙M
-    through functional_call) with ``MaskedAdamW``, a different task's mask each step."""
+    model: dense = the plain module with ``torch.optim.AdamW`` (``dense_fused``: its fused kernel);
+    masked = ``MaskedModel`` (θ⊙M through functional_call) with ``MaskedAdamW(impl=optimizer_impl)``,
+    a different task's mask each step. ``optimizer_impl`` may list several (``reference,compiled``):
+    each is timed as its own masked step, interleaved with the dense one, and the optimizer steps
+    alone are timed too (``optimizer_step_ms``)."""
+    impls = optimizer_impl.split(",") if isinstance(optimizer_impl, str) else list(optimizer_impl)
+    if len(impls) > 1:
+        return _compare_impls(make_model, batches, loss_fn, impls, include=include, exclude=exclude, n_tasks=n_tasks,
+                              density=density, reps=reps, rounds=rounds, threads=threads, seed=seed, device=device,
+                              dense_fused=dense_fused)
     device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     dense_model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     mm = MaskedModel(model, masks)
-    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4)
-    dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4)
+    opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4, impl=impls[0])
+    dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4,
+                                  **({"fused": True} if dense_fused else {}))
 
     def dense_step(i):
         dense_opt.zero_grad(set_to_none=True)
@@ -151,6 +161,83 @@ def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_task
         "masked_step_ms": 1000 * m,
         "ratio": statistics.median(ratios),
         "ratio_of_medians": m / d,
+        "optimizer_impl": impls[0],
+        "dense_optimizer": "AdamW(fused)" if dense_fused else "AdamW",
+        "target_ratio": 1.05,
+    }
+
+
+def _compare_impls(make_model, batches, loss_fn, impls, *, include, exclude, n_tasks, density, reps, rounds, threads,
+                   seed, device, dense_fused) -> dict:
+    """``compare_steps`` for several ``MaskedAdamW`` implementations in one run: one model copy each,
+    every round a dense step and each masked step (order rotating), median ratios to the dense step
+    of the same round; then each optimizer's step alone (same gradients) vs the dense optimizer's."""
+    device, now, batches = _start(threads, device, batches)
+    dense_model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
+    dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4,
+                                  **({"fused": True} if dense_fused else {}))
+    runs = {}
+    for impl in impls:
+        model, _ = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
+        runs[impl] = (model, MaskedModel(model, masks),
+                      MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4, impl=impl))
+
+    def dense_step(i):
+        dense_opt.zero_grad(set_to_none=True)
+        loss_fn(dense_model, i % n_tasks, batches[i % len(batches)]).backward()
+        dense_opt.step()
+
+    def masked(impl):
+        _, mm, opt = runs[impl]
+
+        def step(i):
+            task = i % n_tasks
+            opt.zero_grad(set_to_none=True)
+            loss_fn(mm.bind(task), task, batches[i % len(batches)]).backward()
+            opt.step(group=task)
+        return step
+
+    fns = {"dense": dense_step, **{impl: masked(impl) for impl in impls}}
+    for fn in fns.values():  # warm-up (and the compiled update's compilation)
+        for i in range(5):
+            fn(i)
+    times = {k: [] for k in fns}
+    ratios = {impl: [] for impl in impls}
+    names = list(fns)
+    for i in range(reps * rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        t = {}
+        for k in order:
+            t0 = now()
+            fns[k](i)
+            t[k] = now() - t0
+            times[k].append(t[k])
+        for impl in impls:
+            ratios[impl].append(t[impl] / t["dense"])
+    # the optimizer steps alone, on the gradients the last steps left
+    opt_times = {k: [] for k in fns}
+    steppers = {"dense": dense_opt.step, **{impl: (lambda o: lambda i: o.step(group=i % n_tasks))(runs[impl][2])
+                                            for impl in impls}}
+    for i in range(4 * reps):
+        for k in names:
+            t0 = now()
+            steppers[k](i) if k != "dense" else steppers[k]()
+            opt_times[k].append(now() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    opt_med = {k: statistics.median(v) for k, v in opt_times.items()}
+    return {
+        "params": sum(p.numel() for p in dense_model.parameters()),
+        "maskable": masks.numel(),
+        "tasks": n_tasks,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "dense_optimizer": "AdamW(fused)" if dense_fused else "AdamW",
+        "dense_step_ms": 1000 * med["dense"],
+        **{f"masked_step_ms[{impl}]": 1000 * med[impl] for impl in impls},
+        **{f"ratio[{impl}]": statistics.median(ratios[impl]) for impl in impls},
+        "dense_optimizer_step_ms": 1000 * opt_med["dense"],
+        **{f"optimizer_step_ms[{impl}]": 1000 * opt_med[impl] for impl in impls},
+        **{f"optimizer_step_vs_dense[{impl}]": opt_med[impl] / opt_med["dense"] for impl in impls},
         "target_ratio": 1.05,
     }
 

@@ -15,11 +15,21 @@ the tensor took part in. When a mask update recovers an entry that no group was 
 zeroes them, which the mask updater does by default (``masking.recovered_state=reset_dormant``;
 ``keep`` leaves them). Recovered entries that another group was still training keep their moments:
 they are current.
+
+``MaskedAdamW(impl=...)`` chooses how the update runs (``train.optimizer_impl``): ``reference``
+(the default) runs it as multi-tensor (foreach) kernels, one pass over memory per operation;
+``compiled`` runs the same update through ``torch.compile`` as fused loops (one pass over each
+tensor), several times faster on a CPU. The compiled update is the same AdamW and leaves entries
+outside the mask bit for bit unchanged (a ``where`` on the mask), but its in-mask values differ
+from ``reference`` by float rounding (a few ulp: the fused code contracts multiply-adds
+differently), so a run changes rounding when it switches. Where ``torch.compile`` is unavailable
+or fails, ``compiled`` warns once and runs the same function eagerly.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -85,6 +95,60 @@ class MaskedModel:
         return lambda *args, **kwargs: self.forward_group(group, *args, **kwargs)
 
 
+OPTIMIZER_IMPLS = ("reference", "compiled")
+
+
+def _scalars(lr, b1, b2, eps, wd, t, device) -> tuple[torch.Tensor, ...]:
+    """The update's scalars as 0-d float64 tensors, so a compiled update is not recompiled when the
+    learning rate or the step count changes."""
+    bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+    return tuple(torch.tensor(x, dtype=torch.float64, device=device)
+                 for x in (lr, 1 - b1, 1 - b2, eps, wd, bc1, bc2_sqrt))
+
+
+def _adamw_update(ps, gs, avgs, sqs, ms, lr, a1, a2, eps, wd, bc1, bc2_sqrt) -> None:
+    """AdamW on lists of tensors, in place; with ``ms`` (0/1 masks) only entries where the mask is 1
+    change (``where``: the others keep parameter and moments bit for bit). Written per tensor with
+    0-d tensor scalars so that ``torch.compile`` fuses each tensor's update into one loop, and so
+    that it runs unchanged eagerly."""
+    for i, (p, g, m, v) in enumerate(zip(ps, gs, avgs, sqs)):
+        m_new = m + a1 * (g - m)
+        v_new = v + a2 * (g * g - v)
+        denom = v_new.sqrt() / bc2_sqrt + eps
+        p_new = p - lr / bc1 * (m_new / denom + wd * bc1 * p)
+        if ms is not None:
+            keep = ms[i] == 0
+            m_new, v_new, p_new = m_new.where(~keep, m), v_new.where(~keep, v), p_new.where(~keep, p)
+        m.copy_(m_new)
+        v.copy_(v_new)
+        p.copy_(p_new)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_update(*args) -> None:
+    """``_adamw_update`` through ``torch.compile`` (compiled on first use); eagerly, with one warning,
+    where compiling is unavailable or fails."""
+    fn = _COMPILED.get("update")
+    if fn is None:
+        try:
+            fn = torch.compile(_adamw_update, dynamic=False)
+        except Exception as e:  # no compile support in this build / platform
+            warnings.warn(f"MaskedAdamW(impl='compiled'): torch.compile unavailable ({e}); running eagerly")
+            fn = _adamw_update
+        _COMPILED["update"] = fn
+    if fn is _adamw_update:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # e.g. no C++ compiler for inductor's CPU code
+        warnings.warn(f"MaskedAdamW(impl='compiled'): compiling the update failed ({type(e).__name__}: {e}); "
+                      f"running it eagerly")
+        _COMPILED["update"] = _adamw_update
+        return _adamw_update(*args)
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW whose update is confined to the active group's mask on target parameters.
 
@@ -92,6 +156,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         named_params: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
         masks: the ``MaskSet``; parameters it names are masked targets, others update densely.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
+        impl: ``reference`` (multi-tensor kernels) or ``compiled`` (``torch.compile``; module docstring).
 
     ``step(group=j)`` updates target entries inside ``M_j`` only; ``step(group=None)`` is a plain
     dense AdamW step (used for dense warm-up). Non-target parameters always update densely.
@@ -105,6 +170,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        impl: str = "reference",
     ):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not 0.0 < lr:
@@ -113,6 +179,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+        self.impl = impl
         super().__init__([p for _, p in named], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.masks = masks
         self._name = {id(p): n for n, p in named}
@@ -159,6 +228,12 @@ class MaskedAdamW(torch.optim.Optimizer):
                     bucket = dense.setdefault(t, [[], [], [], []])
                 for lst, x in zip(bucket, entry):
                     lst.append(x)
+            if self.impl == "compiled":
+                for t, lists in dense.items():
+                    _compiled_update(*lists, None, *_scalars(lr, b1, b2, eps, wd, t, lists[0][0].device))
+                for t, lists in masked.items():
+                    _compiled_update(*lists, *_scalars(lr, b1, b2, eps, wd, t, lists[0][0].device))
+                continue
             for t, (ps, gs, avgs, sqs) in dense.items():
                 bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
                 torch._foreach_mul_(ps, 1 - lr * wd)

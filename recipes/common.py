@@ -144,6 +144,7 @@ TASK_SAMPLING = ("round_robin", "uniform")
 
 def train_keys() -> list:
     """``(key, check, expected)`` rows of the shared ``train.*`` keys (``maskmtl.config.check_keys``)."""
+    from maskmtl.apply import OPTIMIZER_IMPLS
     from maskmtl.config import is_int, is_number
 
     return [
@@ -159,6 +160,7 @@ def train_keys() -> list:
         ("train.log_every", is_int(1), "an integer >= 1"),
         ("train.eval_every", is_int(0), "an integer >= 0 (0: never)"),
         ("train.checkpoint_every", is_int(0), "an integer >= 0 (0: only at the end)"),
+        ("train.optimizer_impl", lambda v: v in OPTIMIZER_IMPLS, f"one of {OPTIMIZER_IMPLS}"),
     ]
 
 

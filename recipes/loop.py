@@ -63,6 +63,7 @@ class TrainSpec:
     gradient: str = "plain"             # harmodt: plain | mean | pcgrad | cagrad
     tasks_per_step: int | None = None
     cagrad_c: float = 0.4
+    optimizer_impl: str = "reference"   # MaskedAdamW's update: reference | compiled (maskmtl.apply)
 
     @classmethod
     def from_config(cls, train: DictConfig) -> "TrainSpec":
@@ -72,7 +73,8 @@ class TrainSpec:
                    warmup_steps=int(t.get("warmup_steps", 0)), task_sampling=t["task_sampling"],
                    log_every=int(t["log_every"]), eval_every=int(t["eval_every"]),
                    checkpoint_every=int(t["checkpoint_every"]), gradient=t.get("gradient", "plain"),
-                   tasks_per_step=t.get("tasks_per_step"), cagrad_c=t.get("cagrad_c", 0.4))
+                   tasks_per_step=t.get("tasks_per_step"), cagrad_c=t.get("cagrad_c", 0.4),
+                   optimizer_impl=t.get("optimizer_impl", "reference"))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps``, then constant ``lr`` (spec §8; constant without warm-up)."""
@@ -104,7 +106,7 @@ class RunContext:
 def masked_optimizer(model: torch.nn.Module, masks, spec: TrainSpec) -> MaskedAdamW:
     """The recipes' optimizer: AdamW whose step on a group touches only that group's mask."""
     return MaskedAdamW(model.named_parameters(), masks, lr=spec.lr, betas=tuple(spec.betas),
-                       weight_decay=spec.weight_decay)
+                       weight_decay=spec.weight_decay, impl=spec.optimizer_impl)
 
 
 @dataclass

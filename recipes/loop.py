@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedAdamW, check_schedule, group_tasks, save_checkpoint, save_masks
 from maskmtl.outputs import CHECKPOINT, MASKS, METRICS
-from recipes.loggers import RunLog, check_logger, open_sinks
+from recipes.loggers import RunLog, open_sinks
 from recipes.common import (Preemption, diagnostics_summary, kill_point, metrics_rows, next_task, phase, plot_curves,
                             plot_diagnostics, plot_masks, print_table, restore_run, start_run, training_progress,
                             write_results)
@@ -98,7 +98,6 @@ class RunContext:
         """``start_run`` (train.* checked, threads, device, global seeds) and the values the loop uses."""
         t_start, device, out = start_run(cfg)
         logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") is not None else None
-        check_logger(logger)
         return cls(out=out, device=device, seed=int(cfg.seed), t_start=t_start, dry_run=bool(cfg.dry_run),
                    logger=logger, config=OmegaConf.to_container(cfg, resolve=True))
 

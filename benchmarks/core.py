@@ -97,6 +97,25 @@ def _start(threads, device, batches):
     return device, clock(device), to_device(batches, device)
 
 
+def _dense_step(model, opt, loss_fn, batches, n_tasks):
+    """One dense training step on batch ``i`` (task ``i mod n_tasks``)."""
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, i % n_tasks, batches[i % len(batches)]).backward()
+        opt.step()
+    return step
+
+
+def _masked_step(mm, opt, loss_fn, batches, n_tasks):
+    """One masked training step on batch ``i``, under task ``i mod n_tasks``'s mask."""
+    def step(i):
+        task = i % n_tasks
+        opt.zero_grad(set_to_none=True)
+        loss_fn(mm.bind(task), task, batches[i % len(batches)]).backward()
+        opt.step(group=task)
+    return step
+
+
 def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, density=0.8, reps=15,
                   rounds=4, threads=None, seed=0, device="cpu", optimizer_impl="reference",
                   dense_fused=False) -> dict:
@@ -119,16 +138,8 @@ def compare_steps(make_model, batches, loss_fn, *, include, exclude=None, n_task
     dense_opt = torch.optim.AdamW(dense_model.parameters(), lr=1e-4, weight_decay=1e-4,
                                   **({"fused": True} if dense_fused else {}))
 
-    def dense_step(i):
-        dense_opt.zero_grad(set_to_none=True)
-        loss_fn(dense_model, i % n_tasks, batches[i % len(batches)]).backward()
-        dense_opt.step()
-
-    def masked(i):
-        task = i % n_tasks
-        opt.zero_grad(set_to_none=True)
-        loss_fn(mm.bind(task), task, batches[i % len(batches)]).backward()
-        opt.step(group=task)
+    dense_step = _dense_step(dense_model, dense_opt, loss_fn, batches, n_tasks)
+    masked = _masked_step(mm, opt, loss_fn, batches, n_tasks)
 
     def timed(fn, i):
         t0 = now()
@@ -182,22 +193,8 @@ def _compare_impls(make_model, batches, loss_fn, impls, *, include, exclude, n_t
         runs[impl] = (model, MaskedModel(model, masks),
                       MaskedAdamW(model.named_parameters(), masks, lr=1e-4, weight_decay=1e-4, impl=impl))
 
-    def dense_step(i):
-        dense_opt.zero_grad(set_to_none=True)
-        loss_fn(dense_model, i % n_tasks, batches[i % len(batches)]).backward()
-        dense_opt.step()
-
-    def masked(impl):
-        _, mm, opt = runs[impl]
-
-        def step(i):
-            task = i % n_tasks
-            opt.zero_grad(set_to_none=True)
-            loss_fn(mm.bind(task), task, batches[i % len(batches)]).backward()
-            opt.step(group=task)
-        return step
-
-    fns = {"dense": dense_step, **{impl: masked(impl) for impl in impls}}
+    fns = {"dense": _dense_step(dense_model, dense_opt, loss_fn, batches, n_tasks),
+           **{impl: _masked_step(mm, opt, loss_fn, batches, n_tasks) for impl, (_, mm, opt) in runs.items()}}
     for fn in fns.values():  # warm-up (and the compiled update's compilation)
         for i in range(5):
             fn(i)

@@ -2,7 +2,9 @@
 ``mask-update``, ``surgery-step``, ``export``, ``eval``).
 
 ``eval``: env-steps/s of the batched evaluator vs a sequential batch-1 evaluator and vs raw env
-stepping with a free (zero-cost) policy, all in one process."""
+stepping with a free (zero-cost) policy, all in one process. ``policy_impl=reference,cached,...``
+times the batched grid under each ``eval.policy_impl`` in turn, ``repeats`` rounds alternating,
+and reports each one's median rate against the reference's."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from recipes.metaworld.tasksets import taskset
 
 def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 128, n_layer: int = 6,
          context: int = 20, prompt_length: int = 5, threads: int | None = None, seed: int = 0,
-         device: str = "cpu") -> dict:
+         device: str = "cpu", policy_impl: str = "reference", repeats: int = 1, sequential: bool = True) -> dict:
+    impls = [x.strip() for x in str(policy_impl).split(",") if x.strip()]
     if threads:
         torch.set_num_threads(threads)
     tasks = taskset("MT50")[:n_tasks]
@@ -40,18 +43,26 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
                         state_std=np.ones((len(rows), 39)), rtg_target=np.full(len(rows), 4000.0), **common)
 
     rows, episodes = list(range(n_tasks)), list(range(parallel))
-    batched = grid(GridPolicy(model, rows, masks, prompt), rows, episodes)
+    policies = {impl: GridPolicy(model, rows, masks, prompt, impl=impl) for impl in impls}
+    rate = lambda steps_, secs: steps_ / secs  # noqa: E731
+    rates: dict[str, list[float]] = {impl: [] for impl in impls}
+    policy_share: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(max(1, int(repeats))):  # alternate the implementations, so drifts in load hit them alike
+        for impl in impls:
+            r = grid(policies[impl], rows, episodes)
+            rates[impl].append(rate(r.env_steps, r.policy_s + r.sim_s))
+            policy_share[impl].append(r.policy_s / (r.policy_s + r.sim_s))
+    med = {impl: float(np.median(v)) for impl, v in rates.items()}
     free = grid(lambda s, *a: torch.zeros(s.shape[0], s.shape[1], 4), rows, episodes)
     seq_policy, seq_sim, seq_steps = 0.0, 0.0, 0
-    for i in rows:  # batch-1: one policy call per env step, each task with its own mask
-        pol = GridPolicy(model, [i], masks, tuple(p[i:i + 1] for p in prompt))
+    for i in rows if sequential else []:  # batch-1: one policy call per env step, each task with its own mask
+        pol = GridPolicy(model, [i], masks, tuple(p[i:i + 1] for p in prompt), impl=impls[0])
         for e in episodes:
             r = grid(pol, [i], [e])
             seq_policy, seq_sim, seq_steps = seq_policy + r.policy_s, seq_sim + r.sim_s, seq_steps + r.env_steps
-    rate = lambda steps_, secs: steps_ / secs  # noqa: E731
-    b_rate = rate(batched.env_steps, batched.policy_s + batched.sim_s)
-    s_rate = rate(seq_steps, seq_policy + seq_sim)
-    return {
+    b_rate = med[impls[0]]
+    s_rate = rate(seq_steps, seq_policy + seq_sim) if sequential else float("nan")
+    out = {
         "tasks": n_tasks, "envs": n_tasks * parallel, "steps_per_episode": steps, "threads": torch.get_num_threads(),
         "device": str(device),
         "params": sum(p.numel() for p in model.parameters()),
@@ -59,10 +70,17 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
         "sequential_env_steps_per_s": s_rate,
         "free_policy_env_steps_per_s": rate(free.env_steps, free.policy_s + free.sim_s),
         "speedup_vs_sequential": b_rate / s_rate,
-        "batched_policy_share": batched.policy_s / (batched.policy_s + batched.sim_s),
-        "sequential_policy_share": seq_policy / (seq_policy + seq_sim),
+        "batched_policy_share": float(np.median(policy_share[impls[0]])),
+        "sequential_policy_share": seq_policy / (seq_policy + seq_sim) if sequential else float("nan"),
         "target_speedup": 10.0 if torch.device(device).type == "cuda" else 1.5,
     }
+    if len(impls) > 1 or impls != ["reference"]:
+        for impl in impls:
+            out[f"{impl}_env_steps_per_s"] = med[impl]
+            out[f"{impl}_policy_share"] = float(np.median(policy_share[impl]))
+            if "reference" in med:
+                out[f"{impl}_vs_reference"] = med[impl] / med["reference"]
+    return out
 
 
 def _dt_batches(batch: int, context: int, prompt_length: int, seed: int, n: int = 8) -> list[dict]:

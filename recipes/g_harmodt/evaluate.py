@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from recipes.harmodt.evaluate import EvalReport, GridHistory, run_grid
+from recipes.harmodt.evaluate import POLICY_IMPLS, EvalReport, GridHistory, CallMethod, run_grid
 
 PROBE_PARAMS = ("dense", "voting")
 BLIND = ("random", "empty")
@@ -50,11 +50,18 @@ class RoutedPolicy:
         prompts: tuple (states, actions, rtg, timesteps, mask), leading dim = prompt rows, or ``None``.
         task_ids: pass ``task_route`` to the model (MTDT-style models).
         grid: (T, n).
+        impl: ``eval.policy_impl`` (see ``GridPolicy``). This policy loops over parameter rows
+            already, so ``cached`` and ``cached_loop`` are the same here: each (parameter row,
+            prompt row) pair's prompt is encoded the first time an env uses it, and only the last
+            state's output is computed, with torch's fused attention.
     """
 
     def __init__(self, model: torch.nn.Module, param_masks: Sequence[Mapping[str, torch.Tensor] | None],
-                 prompts: tuple | None, task_ids: bool, grid: tuple[int, int]):
-        self.model, self.prompts, self.task_ids = model, prompts, task_ids
+                 prompts: tuple | None, task_ids: bool, grid: tuple[int, int], impl: str = "reference"):
+        if impl not in POLICY_IMPLS:
+            raise ValueError(f"eval.policy_impl={impl!r}: expected one of {', '.join(POLICY_IMPLS)}")
+        self.model, self.prompts, self.task_ids, self.impl = model, prompts, task_ids, impl
+        self._prefix: dict[tuple[int, int], tuple] = {}  # (parameter key, prompt row) -> encoded prompt
         self.device = next(model.parameters()).device
         params = dict(model.named_parameters())
         with torch.no_grad():  # θ ⊙ M per row, made once per evaluation
@@ -79,7 +86,13 @@ class RoutedPolicy:
         for key in np.unique(keys):
             idx = torch.from_numpy(np.flatnonzero(keys == key)).to(self.device)
             kwargs = {}
-            if self.prompts is not None:
+            if self.impl != "reference":
+                kwargs.update(last=True, fused_attention=True)
+                if self.prompts is not None:
+                    encoded = [self._encoded(int(key), int(r)) for r in prompt_rows[idx].tolist()]
+                    kwargs["prefix"] = (torch.cat([e[0] for e in encoded], 1), torch.cat([e[1] for e in encoded], 1),
+                                        torch.cat([e[2] for e in encoded], 0))
+            elif self.prompts is not None:
                 kwargs["prompt"] = tuple(p[prompt_rows[idx]] for p in self.prompts)
             if self.task_ids:
                 kwargs["task"] = task_rows[idx]
@@ -89,6 +102,18 @@ class RoutedPolicy:
                 out = torch.empty((t * n, y.shape[-1]), dtype=y.dtype, device=y.device)
             out[idx] = y[:, -1]
         return out.reshape(t, n, -1)
+
+    def _encoded(self, key: int, row: int) -> tuple:
+        """Prompt row ``row`` encoded under parameter row ``key`` (-1: dense), batch 1, made once."""
+        if (key, row) not in self._prefix:
+            prompt = tuple(p[row:row + 1] for p in self.prompts)
+            if key < 0:
+                self._prefix[key, row] = self.model.encode_prompt(prompt)
+            else:
+                enc = CallMethod(self.model, "encode_prompt")
+                self._prefix[key, row] = functional_call(enc, {f"model.{n}": v for n, v in self.weights[key].items()},
+                                                         (prompt,))
+        return self._prefix[key, row]
 
 
 @dataclass
@@ -181,7 +206,8 @@ def evaluate_agnostic(model, *, masks, gate, routing: Routing, probe_params: str
     n = ev.parallel
     for first in range(0, ev.episodes, n):
         episodes = list(range(first, min(first + n, ev.episodes)))
-        policy = RoutedPolicy(model, [probe, *groups], prompts, task_ids, (n_tasks, len(episodes)))
+        policy = RoutedPolicy(model, [probe, *groups], prompts, task_ids, (n_tasks, len(episodes)),
+                              impl=getattr(ev, "policy_impl", "reference"))
         router = AgnosticRouter(policy, gate, routing, probe_steps=probe_steps, gn=gn, n_tasks=n_tasks, blind=blind,
                                 seed=ev.seed, task_index=rows, episode_ids=episodes)
         part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, rows, episodes, seed=ev.seed,

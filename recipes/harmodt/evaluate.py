@@ -37,7 +37,8 @@ class EvalSpec:
     return-to-go target, a quantile of the data returns; seed: the evaluation goals;
     heldout_batches: batches of held-out segments per task for the held-out loss (0: none);
     voting_threshold: the voting mask of unseen tasks; task_provided: G-HarmoDT's final
-    evaluation with the task id, for reference."""
+    evaluation with the task id, for reference; policy_impl: how the policy computes its forward
+    (``GridPolicy``'s ``impl``)."""
 
     episodes: int
     parallel: int
@@ -48,6 +49,7 @@ class EvalSpec:
     heldout_batches: int = 0
     voting_threshold: float | None = None
     task_provided: bool = False
+    policy_impl: str = "reference"
 
     @classmethod
     def from_config(cls, ev) -> "EvalSpec":
@@ -57,7 +59,8 @@ class EvalSpec:
         return cls(episodes=int(e["episodes"]), parallel=int(e["parallel"]), max_steps=int(e["max_steps"]),
                    stop_on_success=bool(e["stop_on_success"]), rtg_quantile=e["rtg_quantile"], seed=int(e["seed"]),
                    heldout_batches=int(e.get("heldout_batches") or 0), voting_threshold=e.get("voting_threshold"),
-                   task_provided=bool(e.get("task_provided", False)))
+                   task_provided=bool(e.get("task_provided", False)),
+                   policy_impl=str(e.get("policy_impl") or "reference"))
 
 
 @dataclass
@@ -91,6 +94,21 @@ def episode_seed(seed: int, task_index: int, episode: int) -> int:
     return int(np.random.default_rng([int(seed), int(task_index), int(episode), 7]).integers(2**31 - 1))
 
 
+POLICY_IMPLS = ("reference", "cached", "cached_loop")
+
+
+class CallMethod(torch.nn.Module):
+    """``functional_call`` calls a module's forward; this one's forward is one method of ``model``
+    (its parameters are ``model.<name>``)."""
+
+    def __init__(self, model: torch.nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
 class GridPolicy:
     """One forward for a (T, n) grid of envs, each task with its own mask, prompt and task id.
 
@@ -100,12 +118,20 @@ class GridPolicy:
         masks: per-task masks, or ``None`` for a dense model.
         prompt: tuple (states, actions, rtg, timesteps, mask) with leading dim T, or ``None``.
         task_ids: pass the task index to the model (MTDT).
+        impl: ``eval.policy_impl``. ``reference``: the full forward of every position of prompt and
+            window at each step, vmapped over the task masks. ``cached``: each task's prompt is
+            encoded once (``PromptDT.encode_prompt``, under its mask) and only the last state's
+            output is computed in the last block; vmapped over the task masks. ``cached_loop``: the
+            same, with a loop of per-task forwards in place of the vmap. All three compute the same
+            function; the cached ones differ from the reference by float rounding (~1e-7 here).
     """
 
     def __init__(self, model: torch.nn.Module, tasks: Sequence[int], masks: MaskSet | None = None,
-                 prompt: tuple | None = None, task_ids: bool = False):
+                 prompt: tuple | None = None, task_ids: bool = False, impl: str = "reference"):
+        if impl not in POLICY_IMPLS:
+            raise ValueError(f"eval.policy_impl={impl!r}: expected one of {', '.join(POLICY_IMPLS)}")
         self.device = next(model.parameters()).device  # inputs arrive on the CPU (numpy) and move here
-        self.model, self.masks, self.task_ids = model, masks, task_ids
+        self.model, self.masks, self.task_ids, self.impl = model, masks, task_ids, impl
         self.prompt = None if prompt is None else tuple(p.to(self.device) for p in prompt)
         self.tasks = torch.tensor(list(tasks), dtype=torch.long, device=self.device)
         self.stacked = None
@@ -114,12 +140,40 @@ class GridPolicy:
             with torch.no_grad():
                 self.stacked = {n: torch.stack([torch.where(masks[n][masks.group_of(int(t))], params[n], 0.0)
                                                 for t in tasks]) for n in masks.names}  # (T, *P)
+        self.prefix = None  # cached: each grid row's encoded prompt, (T, n_layer, 1, nh, 3K*, hs) ...
+        if impl != "reference" and self.prompt is not None:
+            self.prefix = self._encode_prompts()
 
-    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt):
-        # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …)
+    @torch.inference_mode()
+    def _encode_prompts(self) -> tuple:
+        rows = tuple(p[:, None] for p in self.prompt)  # (T, 1, K*, ·): one prompt per grid row
+        if self.stacked is None:
+            keys, values, keep = self.model.encode_prompt(self.prompt)  # (n_layer, T, ...), (T, 3K*)
+            return keys.transpose(0, 1)[:, :, None], values.transpose(0, 1)[:, :, None], keep[:, None]
+        enc = CallMethod(self.model, "encode_prompt")
+
+        def one(params, prompt):
+            return functional_call(enc, {f"model.{n}": v for n, v in params.items()}, (prompt,))
+        if self.impl == "cached_loop":
+            outs = [one({n: v[i] for n, v in self.stacked.items()}, tuple(p[i] for p in rows))
+                    for i in range(len(self.tasks))]
+            return tuple(torch.stack(x) for x in zip(*outs))
+        return vmap(one)(self.stacked, rows)
+
+    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt, prefix=None, fused=False):
+        # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …); prefix: its encoded prompt (batch 1)
+        n = states.shape[0]
         kwargs = {"prompt": prompt}
+        if prefix is not None:
+            keys, values, keep = prefix
+            kwargs = {"prefix": (keys.expand(-1, n, -1, -1, -1), values.expand(-1, n, -1, -1, -1),
+                                 keep.expand(n, -1)), "last": True}
+        elif self.impl != "reference":
+            kwargs["last"] = True
+        if fused:
+            kwargs["fused_attention"] = True
         if self.task_ids:
-            kwargs["task"] = task.expand(states.shape[0])
+            kwargs["task"] = task.expand(n)
         if params is None:
             return self.model(states, actions, rtg, timesteps, mask, **kwargs)
         return functional_call(self.model, params, (states, actions, rtg, timesteps, mask), kwargs)
@@ -131,16 +185,34 @@ class GridPolicy:
                                                  for x in (states, actions, rtg, timesteps, mask))
         t, n = states.shape[:2]
         prompt = None
-        if self.prompt is not None:
+        if self.prompt is not None and self.prefix is None:
             prompt = tuple(p[:, None].expand(-1, n, *p.shape[1:]) for p in self.prompt)  # (T, n, K*, ·)
         if self.stacked is None:  # dense: the grid is one batch
             flat = lambda x: x.reshape(t * n, *x.shape[2:])  # noqa: E731
             kwargs = {"prompt": tuple(flat(p) for p in prompt) if prompt is not None else None}
+            if self.impl != "reference":
+                kwargs["last"] = True
+            if self.prefix is not None:
+                keys, values, keep = self.prefix  # (T, n_layer, 1, nh, L, hs) ... -> (n_layer, T·n, nh, L, hs)
+                grid = lambda x: x.expand(-1, -1, n, *x.shape[3:]).transpose(0, 1).reshape(  # noqa: E731
+                    x.shape[1], t * n, *x.shape[3:])
+                kwargs = {"prefix": (grid(keys), grid(values), keep.expand(-1, n, -1).reshape(t * n, -1)),
+                          "last": True}
             if self.task_ids:
                 kwargs["task"] = self.tasks.repeat_interleave(n)
             out = self.model(flat(states), flat(actions), flat(rtg), flat(timesteps), flat(mask), **kwargs)
             return out.reshape(t, n, *out.shape[1:])[:, :, -1]
-        out = vmap(self._one)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask, prompt)
+        if self.impl == "cached_loop":
+            outs = []
+            for i in range(t):
+                params = {name: v[i] for name, v in self.stacked.items()}
+                pre = None if self.prefix is None else tuple(x[i] for x in self.prefix)
+                outs.append(self._one(params, self.tasks[i], states[i], actions[i], rtg[i], timesteps[i], mask[i],
+                                      None if prompt is None else tuple(p[i] for p in prompt), pre, fused=True))
+            return torch.stack(outs)[:, :, -1]
+        in_dims = (0,) * 7 + (None if prompt is None else 0, None if self.prefix is None else 0)
+        out = vmap(self._one, in_dims=in_dims)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask,
+                                               prompt, self.prefix)
         return out[:, :, -1]  # (T, n, A)
 
 

@@ -59,17 +59,32 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        # x: (B, L, d); allowed: (B, 1, L, L) bool, True where query i may attend to key j
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: tuple | None = None,
+                queries: slice | None = None, fused: bool = False) -> torch.Tensor:
+        # x: (B, L, d); allowed: (B, 1, Lq, Lk) bool, True where query i may attend to key j.
+        # past: cached (keys, values) (B, nh, Lp, hs) of earlier tokens, put before this x's keys;
+        # queries: which positions of x to compute outputs for (all by default);
+        # fused: torch's scaled_dot_product_attention (eval only, and not under vmap, which has no
+        # batching rule for it on CPU), with ``allowed`` as an additive mask of 0 / -inf.
         b, n, _ = x.shape
-        nh, hs = self.n_head, self.head_dim
-        # [q | k | v] -> 3 × (B, nh, L, hs); reshape (not split) so that nh = 0 (every head exported away) works
-        q, k, v = self.qkv(x).reshape(b, n, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, L, L)
-        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        y = self.attn_drop(att) @ v  # (B, nh, L, hs)
-        y = y.transpose(1, 2).reshape(b, n, nh * hs)  # (B, L, nh·hs)
+        q, k, v = self.project(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        if queries is not None:
+            q = q[:, :, queries]
+        if fused:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, Lq, Lk)
+            att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            y = self.attn_drop(att) @ v  # (B, nh, Lq, hs)
+        y = y.transpose(1, 2).reshape(b, q.shape[2], self.n_head * self.head_dim)  # (B, Lq, nh·hs)
         return self.resid_drop(self.proj(y))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[q | k | v] -> 3 × (B, nh, L, hs); reshape (not split) so that nh = 0 (every head exported away) works."""
+        b, n, _ = x.shape
+        return self.qkv(x).reshape(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class Block(nn.Module):
@@ -82,8 +97,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.ReLU(), nn.Linear(4 * d_model, d_model),
                                  nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), allowed)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: tuple | None = None,
+                queries: slice | None = None, fused: bool = False) -> torch.Tensor:
+        a = self.attn(self.ln1(x), allowed, past, queries, fused)
+        x = (x if queries is None else x[:, queries]) + a
         return x + self.mlp(self.ln2(x))
 
 
@@ -136,14 +153,48 @@ class PromptDT(nn.Module):
                                split=((f"blocks.{i}.attn.qkv", 3),), merge=(f"blocks.{i}.attn.proj",))
                 for i, b in enumerate(self.blocks)]
 
-    def forward(self, states, actions, rtg, timesteps, mask, prompt=None, task=None) -> torch.Tensor:
+    def encode_prompt(self, prompt: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The trajectory prompt as a cache for ``forward(prefix=...)``: every block's attention keys
+        and values of the prompt tokens, (n_layer, B, nh, 3K*, hs) each, and which prompt tokens are
+        real, (B, 3K*). The prompt is a causal prefix: no later token changes what it computes, so an
+        evaluation encodes each task's prompt once instead of at every step."""
+        if self.prompt_embed is None:
+            raise ValueError("this model has no trajectory prompt (model.prompt=false): nothing to encode")
+        p_states, p_actions, p_rtg, p_t, p_mask = prompt
+        keep = p_mask.repeat_interleave(3, dim=1)  # (B, 3K*)
+        n = keep.shape[1]
+        allowed = self._allowed(torch.ones(n, n, dtype=torch.bool, device=keep.device).tril(), keep)
+        h = self.drop(self.embed_ln(self.prompt_embed(p_states, p_actions, p_rtg, p_t)))
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            _, k, v = block.attn.project(block.ln1(h))
+            keys.append(k)
+            values.append(v)
+            if i + 1 < len(self.blocks):  # the last block's prompt outputs are never read
+                h = block(h, allowed[:, None])
+        return torch.stack(keys), torch.stack(values), keep
+
+    @staticmethod
+    def _allowed(causal: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, L, L): causal, padding keys never attended; a padding query still sees itself (no all
+        -inf rows)."""
+        n = keep.shape[1]
+        return (causal & keep[:, None, :]) | torch.eye(n, dtype=torch.bool, device=keep.device)
+
+    def forward(self, states, actions, rtg, timesteps, mask, prompt=None, task=None, prefix=None,
+                last: bool = False, fused_attention: bool = False) -> torch.Tensor:
         """Predict actions.
 
         Shapes: ``states`` (B, K, S), ``actions`` (B, K, A), ``rtg`` (B, K, 1), ``timesteps``
         (B, K) long, ``mask`` (B, K) bool (False = padding, left-padded). ``prompt``: a tuple
         (states (B, K*, S), actions (B, K*, A), rtg (B, K*, 1), timesteps (B, K*), mask (B, K*)).
         ``task``: (B,) long, required when the model has a task embedding.
-        Returns: predicted actions (B, K, A).
+        ``prefix``: ``encode_prompt(prompt)``, in place of ``prompt`` (the same result).
+        ``last``: predict the last step's action only (the evaluator's read-out), skipping the
+        other positions in the last block.
+        ``fused_attention``: torch's ``scaled_dot_product_attention`` in place of the written-out
+        attention (evaluation outside vmap; equal up to float rounding; never with dropout).
+        Returns: predicted actions (B, K, A), or (B, 1, A) with ``last``.
         """
         b, k = states.shape[:2]
         x = self.embed(states, actions, rtg, timesteps)  # (B, 3K, d)
@@ -154,18 +205,30 @@ class PromptDT(nn.Module):
             x[:, :, 1] = x[:, :, 1] + self.task_embed(task)[:, None]  # task id on the state tokens
             x = x.reshape(b, 3 * k, -1)
         keep = mask.repeat_interleave(3, dim=1)  # (B, 3K)
-        if self.prompt_embed is not None:
+        pasts = [None] * len(self.blocks)
+        if self.prompt_embed is not None and prefix is None:
             if prompt is None:
                 raise ValueError("this model uses a trajectory prompt: pass prompt")
             p_states, p_actions, p_rtg, p_t, p_mask = prompt
             x = torch.cat([self.prompt_embed(p_states, p_actions, p_rtg, p_t), x], dim=1)  # (B, 3K*+3K, d)
             keep = torch.cat([p_mask.repeat_interleave(3, dim=1), keep], dim=1)
         n = x.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        # Padding keys are never attended; a padding query still sees itself (no all -inf rows).
-        allowed = (causal & keep[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device)  # (B, L, L)
+        allowed = self._allowed(torch.ones(n, n, dtype=torch.bool, device=x.device).tril(), keep)  # (B, L, L)
+        if self.prompt_embed is not None and prefix is not None:
+            p_keys, p_values, p_keep = prefix  # the prompt's tokens come first: every query may see them
+            allowed = torch.cat([p_keep[:, None, :].expand(b, n, p_keep.shape[1]), allowed], dim=2)
+            pasts = [(kk, vv) for kk, vv in zip(p_keys.unbind(0), p_values.unbind(0))]
+        if fused_attention:
+            if self.training:
+                raise ValueError("fused_attention is for evaluation (model.eval()): it applies no attention dropout")
+            allowed = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         h = self.drop(self.embed_ln(x))
-        for block in self.blocks:
-            h = block(h, allowed[:, None])
+        for i, block in enumerate(self.blocks):
+            if last and i + 1 == len(self.blocks):  # only the last state token's output is read
+                h = block(h, allowed[:, None, n - 2:n - 1], pasts[i], slice(n - 2, n - 1), fused_attention)
+            else:
+                h = block(h, allowed[:, None], pasts[i], fused=fused_attention)
+        if last:
+            return self.predict_action(self.ln_f(h[:, -1:] if self.blocks else h[:, n - 2:n - 1]))  # (B, 1, A)
         h = self.ln_f(h)[:, -3 * k:].reshape(b, k, 3, -1)  # (B, K, 3, d): this trajectory's tokens
         return self.predict_action(h[:, :, 1])  # from the s_t tokens: (B, K, A)

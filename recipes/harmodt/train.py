@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from maskmtl import MaskedModel, MaskSet
 from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
 from recipes.common import evaluation, make_generator, multi_task_step, print_table
-from recipes.harmodt.evaluate import (HELDOUT_BATCH, EvalReport, EvalSpec, GridPolicy, heldout_batches, heldout_mse,
-                                      run_grid)
+from recipes.harmodt.evaluate import (HELDOUT_BATCH, POLICY_IMPLS, EvalReport, EvalSpec, GridPolicy, heldout_batches,
+                                      heldout_mse, run_grid)
 from recipes.harmodt.model import ModelSpec, PromptDT
 from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
 from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
@@ -118,7 +118,7 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
     was_training = model.training
     model.eval()
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
-    policy = GridPolicy(model, rows, None if dense else masks, prompts, task_ids=task_ids)
+    policy = GridPolicy(model, rows, None if dense else masks, prompts, task_ids=task_ids, impl=ev.policy_impl)
     report = EvalReport([])
     n = ev.parallel
     for first in range(0, ev.episodes, n):
@@ -261,6 +261,7 @@ MODEL_KEYS = [
     ("eval.stop_on_success", is_bool, "true or false"),
     ("eval.rtg_quantile", is_number(0, 1), "a number in [0, 1] (a quantile of each task's returns)"),
     ("eval.seed", is_int(0), "an integer >= 0"),
+    ("eval.policy_impl", lambda v: v in POLICY_IMPLS, f"one of {', '.join(POLICY_IMPLS)}"),
 ]
 HELDOUT_KEYS = [
     ("eval.heldout_batches", is_int(0, 1000), f"an integer in 0..1000 (batches of {HELDOUT_BATCH} held-out segments "

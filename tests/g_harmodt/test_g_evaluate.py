@@ -5,6 +5,7 @@ probe, to the gate's label, with the label's prompt and return target."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from maskmtl import MaskSet, RandomInitializer, select_targets
@@ -140,3 +141,21 @@ def test_envs_done_before_the_probe_ends_get_no_label():
     router, _, rep = play(gate, probe=4, gn=2, success_at=2)
     assert (router.predicted[0] == -1).all() and (router.predicted[1:] == 1).all()
     assert all(e.success for e in rep.episodes if e.task == "a")
+
+
+def test_cached_routed_policy_equals_the_reference():
+    """eval.policy_impl=cached_loop in the task-agnostic evaluator: prompts encoded per (parameter
+    row, prompt row) on first use, the last state only; the reference's actions under any routing."""
+    model, masks, prompt = setup()
+    prompts = tuple(torch.cat([p, torch.zeros_like(p[:1])]) for p in prompt)  # + the empty prompt row
+    args = grid_inputs(2)
+    ref = RoutedPolicy(model, [None, masks.group(0), masks.group(1)], prompts, False, (3, 2))
+    out = RoutedPolicy(model, [None, masks.group(0), masks.group(1)], prompts, False, (3, 2), impl="cached_loop")
+    for route, prompt_route in [(np.zeros((3, 2)), np.full((3, 2), 3)),                   # probe: dense, empty prompt
+                                (np.array([[1, 2], [2, 0], [1, 1]]), np.array([[0, 1], [2, 3], [1, 0]]))]:
+        for p in (ref, out):
+            p.route[:], p.prompt_route[:] = route, prompt_route
+        torch.testing.assert_close(out(*args), ref(*args), atol=1e-5, rtol=0)
+    assert len(out._prefix) == 5  # the (parameter key, prompt row) pairs seen, each encoded once
+    with pytest.raises(ValueError, match="eval.policy_impl"):
+        RoutedPolicy(model, [None], prompts, False, (3, 2), impl="fast")

@@ -62,3 +62,64 @@ def test_each_env_acts_with_its_own_task_mask():
     assert not torch.allclose(grid, swapped)
     dense = GridPolicy(model, [0, 1], None, prompt)(*args)
     assert not torch.allclose(grid, dense)
+
+
+@pytest.mark.parametrize("impl", ["cached", "cached_loop"])
+@pytest.mark.parametrize("use_prompt,task_ids", [(True, False), (False, True), (True, True)])
+def test_cached_policies_equal_the_reference(impl, use_prompt, task_ids):
+    """Every eval.policy_impl computes the reference's actions (up to float rounding), masked and
+    dense, with a padded window."""
+    torch.manual_seed(0)
+    model = PromptDT(39, 4, d_model=32, n_layer=2, n_head=4, dropout=0.0, use_prompt=use_prompt,
+                     n_tasks=2 if task_ids else 0).eval()
+    _, _, prompt = setup()
+    prompt = prompt if use_prompt else None
+    targets = select_targets(model, r".*weight", exclude=r".*ln.*|.*timestep.*")
+    masks = MaskSet(RandomInitializer(0.7).init_masks({t.name: t.shape for t in targets}, len(TASKS),
+                                                      torch.Generator().manual_seed(0)), TASKS)
+    mask = torch.ones(2, 3, K, dtype=torch.bool)
+    mask[:, 0, :2] = False
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(2, 3, K, 39, generator=g), torch.randn(2, 3, K, 4, generator=g),
+            torch.randn(2, 3, K, 1, generator=g), torch.arange(K).repeat(2, 3, 1), mask)
+    for m in (masks, None):
+        ref = GridPolicy(model, [0, 1], m, prompt, task_ids=task_ids)(*args)
+        out = GridPolicy(model, [0, 1], m, prompt, task_ids=task_ids, impl=impl)(*args)
+        assert out.shape == ref.shape == (2, 3, 4)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    swapped = GridPolicy(model, [1, 0], masks, prompt, task_ids=task_ids, impl=impl)(*args)
+    assert not torch.allclose(swapped, ref, atol=1e-4)  # rows still act with their own masks and prompts
+
+
+@pytest.mark.parametrize("impl", ["cached", "cached_loop"])
+def test_cached_policy_plays_the_reference_episodes(impl):
+    """On real environments, the cached policies play the reference's episodes: the same actions at
+    every step (to 1e-5), success, steps and returns."""
+    model, masks, prompt = setup()
+    seen = {}
+
+    def played(name, policy):
+        acts = []
+
+        def record(t, h):
+            acts.append(h.actions[:, :, t].copy())
+        envs = [[make_env(TASKS[i], 0) for _ in range(2)] for i in range(2)]
+        rep = run_grid(policy, envs, TASKS, [0, 1], [0, 1], seed=3, state_mean=np.zeros((2, 39)),
+                       state_std=np.ones((2, 39)), rtg_target=np.full(2, 4000.0), reward_scale=1000.0, context=K,
+                       max_steps=STEPS, stop_on_success=False, on_step=record)
+        seen[name] = (rep, np.stack(acts))
+
+    played("reference", GridPolicy(model, [0, 1], masks, prompt))
+    played(impl, GridPolicy(model, [0, 1], masks, prompt, impl=impl))
+    (ref, ref_acts), (out, out_acts) = seen["reference"], seen[impl]
+    np.testing.assert_allclose(out_acts, ref_acts, atol=1e-5, rtol=0)
+    assert np.abs(ref_acts).max() > 0.01  # the policy does act
+    for a, b in zip(ref.episodes, out.episodes):
+        assert (a.task, a.episode, a.seed, a.success, a.steps) == (b.task, b.episode, b.seed, b.success, b.steps)
+        assert b.ret == pytest.approx(a.ret, rel=1e-5)
+
+
+def test_unknown_policy_impl_is_refused():
+    model, masks, prompt = setup()
+    with pytest.raises(ValueError, match="eval.policy_impl"):
+        GridPolicy(model, [0, 1], masks, prompt, impl="fast")

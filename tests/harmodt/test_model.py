@@ -85,3 +85,45 @@ def test_vmap_over_per_task_masks_equals_a_loop():
 
     batched = vmap(one)(per_env, *x, *p)
     torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task_id", [False, True])
+def test_encoded_prompt_and_last_readout_equal_the_full_forward(task_id):
+    """encode_prompt + forward(prefix=..., last=True), with and without fused attention, is the full
+    forward's last step, with padded prompt steps and a left-padded window."""
+    torch.manual_seed(0)
+    model = PromptDT(39, 4, d_model=32, n_layer=3, n_head=4, dropout=0.0, n_tasks=3 if task_id else 0).eval()
+    b, k, kp = 5, 6, 3
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[:2, :4] = False
+    p_mask = torch.ones(b, kp, dtype=torch.bool)
+    p_mask[0, :2] = False
+    prompt = (torch.randn(b, kp, 39, generator=g), torch.randn(b, kp, 4, generator=g), torch.randn(b, kp, 1, generator=g),
+              torch.randint(0, 500, (b, kp), generator=g), p_mask)
+    args = (torch.randn(b, k, 39, generator=g), torch.randn(b, k, 4, generator=g), torch.randn(b, k, 1, generator=g),
+            torch.randint(0, 500, (b, k), generator=g), mask)
+    task = torch.tensor([0, 1, 2, 0, 1]) if task_id else None
+    with torch.no_grad():
+        full = model(*args, prompt=prompt, task=task)
+        prefix = model.encode_prompt(prompt)
+        assert prefix[0].shape == (3, b, 4, 3 * kp, 8) and prefix[2].shape == (b, 3 * kp)
+        for kwargs in ({"prompt": prompt}, {"prefix": prefix}):
+            torch.testing.assert_close(model(*args, task=task, **kwargs), full, atol=1e-5, rtol=0)
+            for fused in (False, True):
+                last = model(*args, task=task, last=True, fused_attention=fused, **kwargs)
+                assert last.shape == (b, 1, 4)
+                torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+        # the cache is the prompt's: another prompt gives other actions
+        other = model.encode_prompt(tuple(x.flip(0) for x in prompt))
+        assert not torch.allclose(model(*args, prefix=other, task=task, last=True), full[:, -1:], atol=1e-4)
+
+
+def test_fused_attention_and_prompt_encoding_refuse_what_they_cannot_do():
+    model = PromptDT(39, 4, d_model=16, n_layer=1, n_head=2, use_prompt=False)
+    x = (torch.zeros(1, 2, 39), torch.zeros(1, 2, 4), torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long),
+         torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="evaluation"):
+        model.train()(*x, fused_attention=True)  # no dropout in the fused path
+    with pytest.raises(ValueError, match="no trajectory prompt"):
+        model.encode_prompt(None)

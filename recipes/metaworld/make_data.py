@@ -30,13 +30,22 @@ def data_root(root: str | Path) -> Path:
     return root if root.is_absolute() else REPO_ROOT / root
 
 
+def _refuse_locomotion(data: Mapping[str, Any] | None) -> None:
+    if data and data.get("benchmark") == "locomotion":
+        raise ConfigError(f"data.benchmark=locomotion (data.family={data.get('family')}): the locomotion "
+                          "benchmark has environments and a behaviour source (recipes/locomotion) but no "
+                          "dataset generation or training yet; choose a Meta-World data option")
+
+
 def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    _refuse_locomotion(data)
     if not data or "composition" not in data:
         raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
     return data
 
 
 def dataset_tasks(data: Mapping[str, Any]) -> list[str]:
+    _refuse_locomotion(data)
     try:
         return resolve_tasks(data.get("taskset"), data.get("tasks"))
     except UnknownTaskError as e:

@@ -17,7 +17,8 @@ With a = the action and dt = 0.05:
 
 ``ant_dir`` (``ant_dir.py``)::
 
-    u = (xy_after - xy_before) / dt                 torso body position, x and y
+    u = (xy_after - xy_before) / dt                 torso body position x, y (``xpos``, as
+                                                    Prompt-DT's get_body_com and gymnasium read it)
     r = u · (cos θ, sin θ) - 0.5 · Σ a² - 0.5e-3 · Σ clip(cfrc_ext, -1, 1)² + 1.0
 
     terminated when the state is not finite or the torso height qpos[2] leaves [0.2, 1.0].
@@ -91,6 +92,10 @@ class LocomotionEnv:
         else:
             parts = (d.qpos[1:], d.qvel, d.xpos[self._torso])
         return np.concatenate(parts).astype(np.float32)
+
+    def torso_xy(self) -> np.ndarray:
+        """The torso's x, y as the ant's reward reads them (``xpos``: as of the last substep's start)."""
+        return self.data.xpos[self._torso, :2].copy()
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         self.gym_env.reset(seed=seed)

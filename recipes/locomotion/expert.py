@@ -1,0 +1,137 @@
+"""A behaviour source for the locomotion tasks: MPPI planning on the true simulator.
+
+At every control step the planner samples ``samples`` open-loop action sequences of ``horizon``
+steps around its current plan (Gaussian noise of std ``noise``, clipped to [-1, 1]), rolls all
+of them out from the exact simulator state with ``mujoco.rollout`` (same model, same frame skip),
+scores each by the task's reward summed over the horizon, and moves the plan to the
+exponentially weighted mean (MPPI, Williams et al. 2017; weights exp((R - max R) / (λ·std R)),
+λ = ``temperature``). The first action of the plan is executed (plus ``action_noise``), the plan
+is shifted by one step and the loop repeats. No learning, so no training run per family.
+
+The planning objective is the task reward of :mod:`recipes.locomotion.envs`, computed from the
+rolled-out states, except for the ant's contact cost (``cfrc_ext`` is not part of the rolled-out
+state; the term is at most 0.042 per step), the ant's position (final qpos instead of the torso's
+xpos, see ``_returns``) and with a penalty of ``unhealthy_penalty`` for
+rolling out of the ant's healthy height range (whose steps then stop earning). The rewards stored
+in the data are always the environment's.
+
+Sub-optimal behaviour comes from the same planner with fewer samples, a shorter horizon and
+more action noise (``PlannerConfig`` fields), so one planner covers the whole quality range.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import mujoco
+import numpy as np
+from mujoco import rollout as mj_rollout
+
+from recipes.locomotion.envs import ANT_CTRL, ANT_HEALTHY_Z, ANT_SURVIVE, CHEETAH_CTRL, LocomotionEnv
+from recipes.locomotion.tasks import Task
+
+_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS  # [time, qpos, qvel, act, ...]
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    samples: int = 64          # K: action sequences per control step
+    horizon: int = 20          # H: control steps per sequence
+    noise: float = 0.5         # std of the sampling noise around the plan
+    temperature: float = 0.1   # λ, in units of the std of the sampled returns
+    action_noise: float = 0.0  # std of Gaussian noise on the executed action (sub-optimal data)
+    unhealthy_penalty: float = 100.0
+
+    def __post_init__(self):
+        for key in ("samples", "horizon"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"planner.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("noise", "temperature", "action_noise", "unhealthy_penalty"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"planner.{key} must be a finite number >= 0, got {v!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"planner.temperature must be > 0, got {self.temperature}")
+
+
+class MPPIPlanner:
+    """MPPI on an :class:`LocomotionEnv`'s model; ``act(env)`` plans from the env's current state."""
+
+    def __init__(self, task: Task, model: mujoco.MjModel, frame_skip: int, cfg: PlannerConfig,
+                 rng: np.random.Generator):
+        self.task, self.model, self.cfg, self.rng = task, model, cfg, rng
+        self.fs = int(frame_skip)
+        self.dt = float(model.opt.timestep * self.fs)
+        self.nu = model.nu
+        self.scratch = mujoco.MjData(model)
+        self.state = np.zeros(mujoco.mj_stateSize(model, _SPEC))
+        self.plan = np.zeros((cfg.horizon, self.nu))
+        self._out = np.zeros((cfg.samples, cfg.horizon * self.fs, self.state.size))
+
+    def reset(self):
+        self.plan[:] = 0.0
+
+    def _returns(self, states: np.ndarray, actions: np.ndarray, x0: np.ndarray) -> np.ndarray:
+        """Summed reward of each rollout; states (K, H·fs, nstate) per substep, actions (K, H, nu)."""
+        frames = states[:, self.fs - 1::self.fs]                      # (K, H, nstate): after each control step
+        ctrl = np.sum(actions * actions, axis=2)                      # (K, H)
+        if self.task.family == "ant_dir":
+            # qpos[0:2] = the torso's x, y (free joint). The env reads the torso's xpos, which with
+            # the ant's RK4 integrator is the last RK stage's kinematics, not the final state; the
+            # difference telescopes, so a horizon's sum is off by (qpos_H - xpos_H)·u / dt only.
+            xy = frames[:, :, 1:3]
+            prev = np.concatenate([np.broadcast_to(x0, (xy.shape[0], 1, 2)), xy[:, :-1]], axis=1)
+            vel = (xy - prev) / self.dt
+            g = self.task.goal
+            r = vel @ np.array([math.cos(g), math.sin(g)]) - ANT_CTRL * ctrl + ANT_SURVIVE
+            z = frames[:, :, 3]                                       # qpos[2]
+            bad = (z < ANT_HEALTHY_Z[0]) | (z > ANT_HEALTHY_Z[1])
+            dead = np.cumsum(bad, axis=1) > 0                         # from the first unhealthy step on
+            r = np.where(dead, 0.0, r)
+            return r.sum(1) - self.cfg.unhealthy_penalty * dead.any(1)
+        x = frames[:, :, 1]                                           # qpos[0]
+        prev = np.concatenate([np.full((x.shape[0], 1), x0), x[:, :-1]], axis=1)
+        vel = (x - prev) / self.dt
+        fwd = -np.abs(vel - self.task.goal) if self.task.family == "cheetah_vel" else self.task.goal * vel
+        return (fwd - CHEETAH_CTRL * ctrl).sum(1)
+
+    def act(self, env: LocomotionEnv) -> np.ndarray:
+        cfg = self.cfg
+        mujoco.mj_getState(self.model, env.data, self.state, _SPEC)
+        x0 = env.data.qpos[0:2].copy() if self.task.family == "ant_dir" else float(env.data.qpos[0])
+        eps = self.rng.normal(0.0, cfg.noise, (cfg.samples, cfg.horizon, self.nu))
+        eps[0] = 0.0                                                  # the current plan is always a candidate
+        actions = np.clip(self.plan[None] + eps, -1.0, 1.0)
+        controls = np.repeat(actions, self.fs, axis=1)
+        mj_rollout.rollout(self.model, self.scratch, self.state[None], controls, state=self._out,
+                           nstep=controls.shape[1], initial_warmstart=env.data.qacc_warmstart[None])
+        ret = self._returns(self._out, actions, x0)
+        w = np.exp((ret - ret.max()) / (cfg.temperature * (ret.std() + 1e-8)))
+        self.plan = np.tensordot(w / w.sum(), actions, axes=1)
+        a = self.plan[0].copy()
+        self.plan = np.concatenate([self.plan[1:], self.plan[-1:]])
+        if cfg.action_noise > 0:
+            a = a + self.rng.normal(0.0, cfg.action_noise, self.nu)
+        return np.clip(a, -1.0, 1.0)
+
+
+def run_episode(env: LocomotionEnv, cfg: PlannerConfig, seed: int) -> dict:
+    """One episode of the planner from ``env.reset(seed)``; arrays as :class:`TaskData` wants them."""
+    rng = np.random.default_rng([int(seed), 1])
+    planner = MPPIPlanner(env.task, env.model, env.frame_skip, cfg, rng)
+    obs = env.reset(seed=int(seed))
+    observations, actions, rewards = [], [], []
+    t0 = time.perf_counter()
+    while True:
+        a = planner.act(env)
+        observations.append(obs)
+        actions.append(a.astype(np.float32))
+        obs, r, terminated, truncated, _ = env.step(a)
+        rewards.append(r)
+        if terminated or truncated:
+            break
+    return {"observations": np.stack(observations), "actions": np.stack(actions),
+            "rewards": np.asarray(rewards, np.float32), "seconds": time.perf_counter() - t0,
+            "return": float(np.sum(rewards)), "planner": asdict(cfg)}

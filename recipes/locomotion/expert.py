@@ -11,8 +11,10 @@ is shifted by one step and the loop repeats. No learning, so no training run per
 The planning objective is the task reward of :mod:`recipes.locomotion.envs`, computed from the
 rolled-out states, except for the ant's contact cost (``cfrc_ext`` is not part of the rolled-out
 state; the term is at most 0.042 per step), the ant's position (final qpos instead of the torso's
-xpos, see ``_returns``) and with a penalty of ``unhealthy_penalty`` for
-rolling out of the ant's healthy height range (whose steps then stop earning). The rewards stored
+xpos, see ``_returns``), a penalty of ``unhealthy_penalty`` for rolling out of the ant's healthy
+height range (whose steps then stop earning), and for the cheetah a cost of ``pitch_weight``·pitch²
+per step: without it the planner, seeing 1 s ahead, flips the cheetah onto its back at high
+target speeds and runs there, unsteadily. The rewards stored
 in the data are always the environment's.
 
 Sub-optimal behaviour comes from the same planner with fewer samples, a shorter horizon and
@@ -41,14 +43,16 @@ class PlannerConfig:
     horizon: int = 20          # H: control steps per sequence
     noise: float = 0.5         # std of the sampling noise around the plan
     temperature: float = 0.1   # λ, in units of the std of the sampled returns
+    knot_every: int = 1        # noise drawn at every k-th step and linearly interpolated between (1: every step)
     action_noise: float = 0.0  # std of Gaussian noise on the executed action (sub-optimal data)
-    unhealthy_penalty: float = 100.0
+    unhealthy_penalty: float = 100.0  # ant: once, for rolling out of the healthy height range
+    pitch_weight: float = 0.5  # cheetah: each rollout step costs pitch_weight·pitch² (qpos[2], rad)
 
     def __post_init__(self):
-        for key in ("samples", "horizon"):
+        for key in ("samples", "horizon", "knot_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"planner.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("noise", "temperature", "action_noise", "unhealthy_penalty"):
+        for key in ("noise", "temperature", "action_noise", "unhealthy_penalty", "pitch_weight"):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"planner.{key} must be a finite number >= 0, got {v!r}")
@@ -69,6 +73,10 @@ class MPPIPlanner:
         self.state = np.zeros(mujoco.mj_stateSize(model, _SPEC))
         self.plan = np.zeros((cfg.horizon, self.nu))
         self._out = np.zeros((cfg.samples, cfg.horizon * self.fs, self.state.size))
+        # Linear interpolation from knots at steps 0, k, 2k, ... (and the last step) to every step.
+        knots = np.unique(np.r_[np.arange(0, cfg.horizon, cfg.knot_every), cfg.horizon - 1])
+        eye = np.eye(len(knots))
+        self._interp = np.stack([np.interp(np.arange(cfg.horizon), knots, eye[j]) for j in range(len(knots))], 1)
 
     def reset(self):
         self.plan[:] = 0.0
@@ -95,13 +103,14 @@ class MPPIPlanner:
         prev = np.concatenate([np.full((x.shape[0], 1), x0), x[:, :-1]], axis=1)
         vel = (x - prev) / self.dt
         fwd = -np.abs(vel - self.task.goal) if self.task.family == "cheetah_vel" else self.task.goal * vel
-        return (fwd - CHEETAH_CTRL * ctrl).sum(1)
+        pitch = frames[:, :, 3]                                       # qpos[2]: rooty
+        return (fwd - CHEETAH_CTRL * ctrl - self.cfg.pitch_weight * pitch * pitch).sum(1)
 
     def act(self, env: LocomotionEnv) -> np.ndarray:
         cfg = self.cfg
         mujoco.mj_getState(self.model, env.data, self.state, _SPEC)
         x0 = env.data.qpos[0:2].copy() if self.task.family == "ant_dir" else float(env.data.qpos[0])
-        eps = self.rng.normal(0.0, cfg.noise, (cfg.samples, cfg.horizon, self.nu))
+        eps = self._interp @ self.rng.normal(0.0, cfg.noise, (cfg.samples, self._interp.shape[1], self.nu))
         eps[0] = 0.0                                                  # the current plan is always a candidate
         actions = np.clip(self.plan[None] + eps, -1.0, 1.0)
         controls = np.repeat(actions, self.fs, axis=1)

@@ -28,6 +28,8 @@ class LocomotionSplit:
     test: tuple[Task, ...]
     unseen: tuple[Task, ...]
     episode_length: int
+    episodes_per_task: int = 1
+    composition: str = "near_optimal"
 
 
 def _tasks(data, set_key: str, list_key: str, family: str, source: str, seed: int) -> tuple[Task, ...]:
@@ -55,6 +57,12 @@ def split_from_config(data: Mapping[str, Any]) -> LocomotionSplit:
     length = data.get("episode_length", EPISODE_LENGTH)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ConfigError(f"data.episode_length={length!r}: expected an integer >= 1")
+    episodes = data.get("episodes_per_task", 1)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ConfigError(f"data.episodes_per_task={episodes!r}: expected an integer >= 1")
+    composition = data.get("composition", "near_optimal")
+    if composition not in ("near_optimal", "sub_optimal"):
+        raise ConfigError(f"data.composition={composition!r}: expected near_optimal or sub_optimal")
     train = _tasks(data, "taskset", "tasks", family, source, seed)
     if not train:
         raise ConfigError("data.taskset / data.tasks: no training tasks")
@@ -66,4 +74,4 @@ def split_from_config(data: Mapping[str, Any]) -> LocomotionSplit:
     if unseen and int(data.get("prompt_demos", 0) or 0) < 1:
         raise ConfigError(f"data.unseen_tasks {[t.name for t in unseen]} are seen only through prompt "
                           f"demonstrations: data.prompt_demos must be >= 1 (got {data.get('prompt_demos')})")
-    return LocomotionSplit(family, train, test or train, unseen, length)
+    return LocomotionSplit(family, train, test or train, unseen, length, episodes, composition)

@@ -19,6 +19,33 @@ in the data are always the environment's.
 
 Sub-optimal behaviour comes from the same planner with fewer samples, a shorter horizon and
 more action noise (``PlannerConfig`` fields), so one planner covers the whole quality range.
+
+Measured (one thread on a shared 2-core machine, mujoco 3.3.0, gymnasium 1.4.0, ``EXPERT``
+settings, seed 0; ``python -m recipes.locomotion.expert <tasks> [--episodes E] [--composition C]``),
+return per 200-step episode and seconds per episode:
+
+=================  ======  ==========================================  =====================
+task               goal    expert return                               s / episode
+=================  ======  ==========================================  =====================
+cheetah_vel-2      0.225   -26.9                                       ~12
+cheetah_vel-7      0.600   -45.3                                       ~12
+cheetah_vel-15     1.200   -47.2; 6 episodes: mean -50.2 (-47.2..-54.1)  12.9
+cheetah_vel-23     1.800   -58.0                                       13.1
+cheetah_vel-26     2.025   -67.3                                       15.8
+cheetah_vel-39     3.000   -95.7                                       10.4
+cheetah_dir-0      +1      838.6                                       14.4
+cheetah_dir-1      -1      1070.1                                      14.2
+ant_dir-6          0.245   631.1                                       96.6
+=================  ======  ==========================================  =====================
+
+Mean over Cheetah-vel's five test tasks: -48.9 (papers, learned policies on unseen tasks:
+Prompt-DT -127.7, MTDT -170.1, HarmoDT-F -66.5); Cheetah-dir mean 954 (935.3 / 662.4 / 958.5);
+Ant-dir one task 631 (278.7 / 165.3 / 298.3). The sub-optimal sweep's first half costs 0.8 s per
+episode and returns -115..-206 on cheetah_vel-15 and -414..-542 on cheetah_vel-39 (doing nothing:
+-240 and -600). Projection for the default Cheetah-vel data (35 training tasks × 5 expert
+episodes + 1 prompt demonstration for each of the 40 tasks = 215 episodes × ~13 s): ~2800
+CPU-seconds, ~23 min on 2 cores. The ant is ~7× slower per episode (RK4 integrator, 8
+actuators, more contacts): its default data would take hours with these settings.
 """
 
 from __future__ import annotations
@@ -144,3 +171,103 @@ def run_episode(env: LocomotionEnv, cfg: PlannerConfig, seed: int) -> dict:
     return {"observations": np.stack(observations), "actions": np.stack(actions),
             "rewards": np.asarray(rewards, np.float32), "seconds": time.perf_counter() - t0,
             "return": float(np.sum(rewards)), "planner": asdict(cfg)}
+
+
+# -- datasets ---------------------------------------------------------------------------------
+
+GENERATOR = "mppi"
+GENERATOR_VERSION = 1
+EXPERT = PlannerConfig(samples=64, horizon=20, noise=0.5, temperature=0.2, knot_every=3)
+WEAKEST = PlannerConfig(samples=4, horizon=5, noise=0.5, temperature=0.2, knot_every=3, action_noise=0.5)
+
+
+def schedule(n_episodes: int, weakest: PlannerConfig = WEAKEST, expert: PlannerConfig = EXPERT) -> list[PlannerConfig]:
+    """Planner settings for episodes 0..E-1, weakest → expert (a replay buffer's random → expert sweep).
+
+    At progress f = i / (E - 1): samples and horizon move geometrically from ``weakest`` to
+    ``expert``, action noise linearly; the last episode is the expert. ``sub_optimal`` data is the
+    first half of the same sequence.
+    """
+    if n_episodes < 1:
+        raise ValueError(f"episodes per task must be >= 1, got {n_episodes}")
+    out = []
+    for i in range(n_episodes):
+        f = i / (n_episodes - 1) if n_episodes > 1 else 1.0
+        geo = lambda a, b: int(round(a * (b / a) ** f))
+        out.append(PlannerConfig(
+            samples=geo(weakest.samples, expert.samples), horizon=geo(weakest.horizon, expert.horizon),
+            noise=expert.noise, temperature=expert.temperature, knot_every=expert.knot_every,
+            action_noise=weakest.action_noise + f * (expert.action_noise - weakest.action_noise),
+            unhealthy_penalty=expert.unhealthy_penalty, pitch_weight=expert.pitch_weight))
+    return out
+
+
+def composition_configs(composition: str, episodes: int) -> list[PlannerConfig]:
+    """``near_optimal``: E expert episodes (Prompt-DT trains on expert data, ``dataset_mode='expert'``);
+    ``sub_optimal``: the first E of a 2E-episode weakest → expert :func:`schedule` (as the papers'
+    sub-optimal Meta-World data is the first half of a replay buffer)."""
+    if composition == "near_optimal":
+        return [EXPERT] * int(episodes)
+    if composition == "sub_optimal":
+        return schedule(2 * int(episodes))[: int(episodes)]
+    raise ValueError(f"data.composition={composition!r}: expected near_optimal or sub_optimal")
+
+
+def episode_seed(seed: int, task: Task, episode: int, stream: int = 0) -> int:
+    """A task's episode seeds depend on (seed, family, task index, episode, stream) only (stream 1: demos)."""
+    from recipes.locomotion.tasks import FAMILIES
+
+    ss = np.random.SeedSequence([int(seed), FAMILIES.index(task.family), task.index, int(episode), int(stream)])
+    return int(ss.generate_state(1)[0])
+
+
+def generate_task(task: Task, configs: list[PlannerConfig], seed: int, stream: int = 0,
+                  max_steps: int | None = None, progress=None):
+    """One task's episodes, one per planner config, as :class:`~recipes.metaworld.storage.TaskData`."""
+    import gymnasium
+    from recipes.metaworld.storage import TaskData
+
+    env = LocomotionEnv(task) if max_steps is None else LocomotionEnv(task, max_steps=max_steps)
+    episodes, meta = [], []
+    for i, cfg in enumerate(configs):
+        ep = run_episode(env, cfg, episode_seed(seed, task, i, stream))
+        episodes.append(ep)
+        meta.append({"return": ep["return"], "seconds": round(ep["seconds"], 3), "planner": ep["planner"]})
+        if progress is not None:
+            progress(task, i, ep)
+    provenance = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "task": task.name,
+                  "family": task.family, "goal": task.goal, "seed": int(seed), "stream": int(stream),
+                  "episode_length": env.max_steps, "episodes": meta,
+                  "versions": {"mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__,
+                               "numpy": np.__version__}}
+    return TaskData.from_episodes(task.name, episodes, provenance=provenance)
+
+
+def main(argv=None) -> None:
+    """Measure the planner: ``python -m recipes.locomotion.expert cheetah_vel-2 cheetah_vel-39 --episodes 1``."""
+    import argparse
+
+    from recipes.locomotion.tasks import task as make_task
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("tasks", nargs="+")
+    ap.add_argument("--episodes", type=int, default=1, help="episodes per task")
+    ap.add_argument("--composition", default="near_optimal", choices=("near_optimal", "sub_optimal"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    total, returns = 0.0, []
+    for name in args.tasks:
+        t = make_task(name)
+        data = generate_task(t, composition_configs(args.composition, args.episodes), args.seed,
+                             progress=lambda t, i, ep: print(
+                                 f"{t.name} goal={t.goal:.3f} episode={i} samples={ep['planner']['samples']} "
+                                 f"horizon={ep['planner']['horizon']} return={ep['return']:.1f} "
+                                 f"seconds={ep['seconds']:.1f}", flush=True))
+        total += sum(e["seconds"] for e in data.provenance["episodes"])
+        returns.extend(data.episode_returns().tolist())
+    print(f"episodes: {len(returns)}, mean return {np.mean(returns):.1f}, "
+          f"seconds: {total:.1f} total, {total / len(returns):.1f} per episode")
+
+
+if __name__ == "__main__":
+    main()

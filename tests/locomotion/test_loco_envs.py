@@ -136,7 +136,7 @@ def test_planner_objective_matches_env_rewards(name):
     t = task(name)
     env = LocomotionEnv(t)
     env.reset(seed=0)
-    cfg = PlannerConfig(samples=1, horizon=8)
+    cfg = PlannerConfig(samples=1, horizon=8, pitch_weight=0.0)   # the one planning-only term, off
     p = MPPIPlanner(t, env.model, env.frame_skip, cfg, np.random.default_rng(0))
     acts = np.random.default_rng(1).uniform(-1, 1, (1, 8, env.act_dim))
     state = np.zeros(mujoco.mj_stateSize(env.model, mujoco.mjtState.mjSTATE_FULLPHYSICS))
@@ -171,3 +171,38 @@ def test_planner_beats_doing_nothing():
         PlannerConfig(samples=0)
     with pytest.raises(ValueError, match="planner.temperature"):
         PlannerConfig(temperature=0.0)
+
+
+def test_schedule_and_compositions():
+    from recipes.locomotion.expert import EXPERT, WEAKEST, composition_configs, schedule
+
+    s = schedule(6)
+    assert s[0].samples == WEAKEST.samples and s[0].horizon == WEAKEST.horizon
+    assert s[-1] == EXPERT and s[0].action_noise == WEAKEST.action_noise
+    assert [c.samples for c in s] == sorted(c.samples for c in s)
+    assert composition_configs("near_optimal", 3) == [EXPERT] * 3
+    assert composition_configs("sub_optimal", 3) == schedule(6)[:3]
+    with pytest.raises(ValueError, match="data.composition='medium'"):
+        composition_configs("medium", 3)
+    with pytest.raises(ValueError, match="episodes per task"):
+        schedule(0)
+
+
+def test_generate_task_reproducible_and_stored(tmp_path):
+    from recipes.locomotion.expert import episode_seed, generate_task
+    from recipes.metaworld.storage import load_task, read_sidecar, save_task
+
+    t = task("cheetah_vel-2")
+    cfgs = [PlannerConfig(samples=4, horizon=3, action_noise=0.3), PlannerConfig(samples=6, horizon=4)]
+    a = generate_task(t, cfgs, seed=7, max_steps=10)
+    b = generate_task(t, cfgs, seed=7, max_steps=10)
+    c = generate_task(t, cfgs, seed=7, stream=1, max_steps=10)
+    assert a.n_episodes == 2 and a.n_transitions == 20 and (a.obs_dim, a.act_dim) == (20, 6)
+    assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+    assert not np.array_equal(a.observations, c.observations)
+    assert np.allclose([e["return"] for e in a.provenance["episodes"]], a.episode_returns(), atol=1e-4)
+    assert a.provenance["goal"] == t.goal and a.provenance["episodes"][1]["planner"]["samples"] == 6
+    assert len({episode_seed(7, t, i, s) for i in range(3) for s in range(2)}) == 6
+    save_task(tmp_path, a)
+    back = load_task(tmp_path, t.name, obs_dim=20, act_dim=6)
+    assert np.array_equal(back.rewards, a.rewards) and read_sidecar(tmp_path, t.name)["provenance"]["family"] == "cheetah_vel"

@@ -81,7 +81,8 @@ def load_data(name: str, **overrides):
     ("cheetah_vel", 35, 5, 5), ("cheetah_dir", 2, 2, 0), ("ant_dir", 45, 5, 5)])
 def test_data_configs(name, n_train, n_test, n_unseen):
     s = split_from_config(load_data(name))
-    assert s.family == name and s.episode_length == 200
+    assert s.family == name and s.episode_length == 200 and s.episodes_per_task == 5
+    assert s.composition == "near_optimal"
     assert (len(s.train), len(s.test), len(s.unseen)) == (n_train, n_test, n_unseen)
     assert [t.name for t in s.test] == taskset(f"{name}-test")
     assert [t.goal for t in s.train] == [task(t.name).goal for t in s.train]
@@ -97,6 +98,8 @@ def test_data_configs(name, n_train, n_test, n_unseen):
     ({"unseen_tasks": ["cheetah_vel-3"], "unseen_taskset": None}, "data.unseen_tasks.*training tasks too"),
     ({"prompt_demos": 0}, "data.prompt_demos must be >= 1"),
     ({"benchmark": None}, "data.benchmark"),
+    ({"episodes_per_task": 0}, "data.episodes_per_task=0"),
+    ({"composition": "medium"}, "data.composition='medium'"),
 ])
 def test_bad_config_names_its_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

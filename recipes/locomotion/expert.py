@@ -20,15 +20,16 @@ in the data are always the environment's.
 Sub-optimal behaviour comes from the same planner with fewer samples, a shorter horizon and
 more action noise (``PlannerConfig`` fields), so one planner covers the whole quality range.
 
-Measured (one thread on a shared 2-core machine, mujoco 3.3.0, gymnasium 1.4.0, ``EXPERT``
+Measured (one thread on a shared 2-core machine, one measurement running at a time (the same
+episode took 2-3× longer next to a second one), mujoco 3.3.0, gymnasium 1.4.0, ``EXPERT``
 settings, seed 0; ``python -m recipes.locomotion.expert <tasks> [--episodes E] [--composition C]``),
 return per 200-step episode and seconds per episode:
 
 =================  ======  ==========================================  =====================
 task               goal    expert return                               s / episode
 =================  ======  ==========================================  =====================
-cheetah_vel-2      0.225   -26.9                                       ~12
-cheetah_vel-7      0.600   -45.3                                       ~12
+cheetah_vel-2      0.225   -26.9                                       11.3
+cheetah_vel-7      0.600   -45.3                                       12.1
 cheetah_vel-15     1.200   -47.2; 6 episodes: mean -50.2 (-47.2..-54.1)  12.9
 cheetah_vel-23     1.800   -58.0                                       13.1
 cheetah_vel-26     2.025   -67.3                                       15.8

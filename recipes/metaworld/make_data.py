@@ -33,8 +33,8 @@ def data_root(root: str | Path) -> Path:
 def _refuse_locomotion(data: Mapping[str, Any] | None) -> None:
     if data and data.get("benchmark") == "locomotion":
         raise ConfigError(f"data.benchmark=locomotion (data.family={data.get('family')}): the locomotion "
-                          "benchmark has environments and a behaviour source (recipes/locomotion) but no "
-                          "dataset generation or training yet; choose a Meta-World data option")
+                          "benchmark has environments and data (recipe=make_data) but no dataset "
+                          "generation for training or evaluation in this recipe yet; choose a Meta-World data option")
 
 
 def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -121,12 +121,28 @@ def smoke_data_overrides(data: Mapping[str, Any], n_tasks: int = 2) -> dict[str,
             "data.unseen_taskset": None, "data.unseen_tasks": unseen or None, "data.sampling.heldout_episodes": 1}
 
 
+def _locomotion(cfg: DictConfig) -> bool:
+    data = cfg.get("data")
+    return bool(data) and data.get("benchmark") == "locomotion"
+
+
 def smoke_overrides(cfg: DictConfig) -> dict[str, Any]:
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        return loco.smoke_data_overrides(cfg.data)
     return smoke_data_overrides(_require_data(cfg.get("data")))
 
 
 def check_config(cfg: DictConfig) -> None:
     """Before any data is made: the data node, its task lists and generation sizes."""
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        if cfg.get("format", "npz") != "npz":
+            raise ConfigError(f"format={cfg.get('format')}: the locomotion data is written as npz only")
+        loco.check_data_config(cfg.data)
+        return
     data = _require_data(cfg.get("data"))
     check_data_config(data)
     check_export_config(cfg)
@@ -216,6 +232,12 @@ def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict:
     from recipes.common import print_table, run_dir
 
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        summary = loco.run(cfg.data, cfg.data_root)
+        write_json(run_dir() / "data_summary.json", summary)
+        return summary
     t0 = time.perf_counter()
     data = _require_data(cfg.get("data"))
     directory = dataset_dir(data, cfg.data_root)

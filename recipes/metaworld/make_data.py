@@ -32,9 +32,9 @@ def data_root(root: str | Path) -> Path:
 
 def _refuse_locomotion(data: Mapping[str, Any] | None) -> None:
     if data and data.get("benchmark") == "locomotion":
-        raise ConfigError(f"data.benchmark=locomotion (data.family={data.get('family')}): the locomotion "
-                          "benchmark has environments and data (recipe=make_data) but no dataset "
-                          "generation for training or evaluation in this recipe yet; choose a Meta-World data option")
+        raise ConfigError(f"data.benchmark=locomotion (data.family={data.get('family')}): locomotion data "
+                          "can be generated (recipe=make_data), but this recipe cannot train or evaluate "
+                          "on it yet; choose a Meta-World data option")
 
 
 def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -64,6 +64,7 @@ def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
 def unseen_tasks(data: Mapping[str, Any]) -> list[str]:
     """Tasks with no training data that are only evaluated (``data.unseen_taskset``, e.g. ML45-test,
     or an explicit ``data.unseen_tasks`` list); [] when neither is set."""
+    _refuse_locomotion(data)
     name, tasks = data.get("unseen_taskset"), data.get("unseen_tasks")
     if not name and not tasks:
         return []
@@ -115,6 +116,7 @@ def smoke_data_overrides(data: Mapping[str, Any], n_tasks: int = 2) -> dict[str,
     """``debug=smoke``'s data sizes as ``data.<key>: value``: the first ``n_tasks`` tasks, 4 episodes
     of 50 steps each (2 for sub_optimal), at most one demonstration and one held-out episode per
     task, the first unseen task only, generated in one process."""
+    _refuse_locomotion(data)
     unseen = unseen_tasks(data)[:1]
     return {"data.tasks": dataset_tasks(data)[:n_tasks], "data.transitions_per_task": 200, "data.episode_length": 50,
             "data.workers": 1, "data.prompt_demos": min(int(data.get("prompt_demos", 0) or 0), 1),

@@ -114,10 +114,10 @@ def test_sampled_goals_through_config():
 
 
 def test_metaworld_data_path_refuses_locomotion():
-    from recipes.metaworld.make_data import dataset_tasks, ensure_dataset
+    from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data_overrides, unseen_tasks
 
-    for call in (lambda d: dataset_tasks(d), lambda d: ensure_dataset(d, "unused")):
-        with pytest.raises(ConfigError, match="data.benchmark=locomotion .*no dataset generation"):
+    for call in (dataset_tasks, unseen_tasks, smoke_data_overrides, lambda d: ensure_dataset(d, "unused")):
+        with pytest.raises(ConfigError, match="data.benchmark=locomotion .*cannot train or evaluate on it yet"):
             call(load_data("ant_dir"))
 
 

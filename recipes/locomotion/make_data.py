@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from maskmtl.config import ConfigError
+from recipes.common import kill_point
 from recipes.locomotion.config import LocomotionSplit, split_from_config
 from recipes.locomotion.envs import ACT_DIM, OBS_DIM
 from recipes.locomotion.expert import (EXPERT, GENERATOR, GENERATOR_VERSION, WEAKEST, composition_configs,
@@ -74,7 +75,9 @@ def _job(args) -> tuple[str, str, float]:
         configs, stream, out = composition_configs(composition, episodes), 0, Path(directory)
     else:
         configs, stream, out = [EXPERT] * demos, 1, demo_dir(directory, demos)
-    data = generate_task(t, configs, seed, stream=stream, max_steps=length)
+    # fault injection for the kill-and-resume test: MASKMTL_KILL_AT_STEP=<data|demos>:<task>:<episodes done>
+    data = generate_task(t, configs, seed, stream=stream, max_steps=length,
+                         progress=lambda t, i, ep: kill_point(f"{kind}:{t.name}:{i + 1}"))
     out.mkdir(parents=True, exist_ok=True)
     save_task(out, data)
     return kind, name, time.perf_counter() - t0

@@ -76,3 +76,34 @@ def test_make_data_recipe_smoke(tmp_path):
     summary = json.loads((run_dir / "data_summary.json").read_text())
     assert summary["tasks"] == ["cheetah_dir-0", "cheetah_dir-1"] and set(summary["demonstrations"]) == set(summary["tasks"])
     assert summary["spec"]["family"] == "cheetah_dir"
+
+
+@pytest.mark.slow
+def test_killed_generation_resumes_to_the_same_data(tmp_path):
+    """SIGKILL after cheetah_dir-1's first episode (before it is stored); a rerun keeps
+    cheetah_dir-0 and the demonstrations already written and ends with the data of an uninterrupted run."""
+    import os
+
+    def run(root, kill=None):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("MASKMTL_KILL_AT_STEP", None)
+        if kill:
+            env["MASKMTL_KILL_AT_STEP"] = kill
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "run.py"), "recipe=make_data", "data=cheetah_dir",
+                               "debug=smoke", "data.episodes_per_task=2", f"data_root={root}",
+                               f"hydra.run.dir={root}-run-{kill}"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300, env=env)
+
+    data = smoke_data("cheetah_dir", episodes_per_task=2)
+    killed = run(tmp_path / "a", kill="data:cheetah_dir-1:1")
+    assert killed.returncode != 0
+    directory = loco.dataset_dir(data, tmp_path / "a")
+    assert (directory / "cheetah_dir-0.json").exists() and not (directory / "cheetah_dir-1.json").exists()
+    kept = (directory / "cheetah_dir-0.json").stat().st_mtime_ns
+    assert run(tmp_path / "a").returncode == 0
+    assert (directory / "cheetah_dir-0.json").stat().st_mtime_ns == kept
+    assert run(tmp_path / "b").returncode == 0
+    clean = loco.dataset_dir(data, tmp_path / "b")
+    for t in ("cheetah_dir-0", "cheetah_dir-1"):
+        assert read_sidecar(directory, t)["npz_sha256"] == read_sidecar(clean, t)["npz_sha256"]
+        assert read_sidecar(directory / "demos-1", t)["npz_sha256"] == read_sidecar(clean / "demos-1", t)["npz_sha256"]

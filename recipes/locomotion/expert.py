@@ -14,8 +14,8 @@ state; the term is at most 0.042 per step), the ant's position (final qpos inste
 xpos, see ``_returns``), a penalty of ``unhealthy_penalty`` for rolling out of the ant's healthy
 height range (whose steps then stop earning), and for the cheetah a cost of ``pitch_weight``·pitch²
 per step: without it the planner, seeing 1 s ahead, flips the cheetah onto its back at high
-target speeds and runs there, unsteadily. The rewards stored
-in the data are always the environment's.
+target speeds and runs there, unsteadily. The rewards stored in the data are always the
+environment's.
 
 Sub-optimal behaviour comes from the same planner with fewer samples, a shorter horizon and
 more action noise (``PlannerConfig`` fields), so one planner covers the whole quality range.
@@ -44,8 +44,10 @@ Prompt-DT -127.7, MTDT -170.1, HarmoDT-F -66.5); Cheetah-dir mean 954 (935.3 / 6
 Ant-dir one task 631 (278.7 / 165.3 / 298.3). The sub-optimal sweep's first half costs 0.8 s per
 episode and returns -115..-206 on cheetah_vel-15 and -414..-542 on cheetah_vel-39 (doing nothing:
 -240 and -600). Projection for the default Cheetah-vel data (35 training tasks × 5 expert
-episodes + 1 prompt demonstration for each of the 40 tasks = 215 episodes × ~13 s): ~2800
-CPU-seconds, ~23 min on 2 cores. The ant is ~7× slower per episode (RK4 integrator, 8
+episodes + 1 prompt demonstration for each of the 40 tasks = 215 episodes): at 13 s per episode
+~2800 CPU-seconds, ~23 min on 2 cores; from one task made end to end by ``recipe=make_data``
+(5 episodes + 1 demonstration in 95 s, cheetah_vel-14, mean return -48.9) ~3400 CPU-seconds,
+~28 min. Not yet run in full. The ant is ~7× slower per episode (RK4 integrator, 8
 actuators, more contacts): its default data would take hours with these settings. Smaller
 planners for the ant, one episode each on ant_dir-6 / ant_dir-17 (so noisy): 16 × 10 steps,
 378.5 / 274.9 in 11-12 s; 32 × 10 steps, 238.2 / 677.9 in 22-27 s. Not yet tuned.
@@ -72,8 +74,8 @@ class PlannerConfig:
     samples: int = 64          # K: action sequences per control step
     horizon: int = 20          # H: control steps per sequence
     noise: float = 0.5         # std of the sampling noise around the plan
-    temperature: float = 0.1   # λ, in units of the std of the sampled returns
-    knot_every: int = 1        # noise drawn at every k-th step and linearly interpolated between (1: every step)
+    temperature: float = 0.2   # λ, in units of the std of the sampled returns
+    knot_every: int = 3        # noise drawn at every k-th step and linearly interpolated between (1: every step)
     action_noise: float = 0.0  # std of Gaussian noise on the executed action (sub-optimal data)
     unhealthy_penalty: float = 100.0  # ant: once, for rolling out of the healthy height range
     pitch_weight: float = 0.5  # cheetah: each rollout step costs pitch_weight·pitch² (qpos[2], rad)
@@ -107,9 +109,6 @@ class MPPIPlanner:
         knots = np.unique(np.r_[np.arange(0, cfg.horizon, cfg.knot_every), cfg.horizon - 1])
         eye = np.eye(len(knots))
         self._interp = np.stack([np.interp(np.arange(cfg.horizon), knots, eye[j]) for j in range(len(knots))], 1)
-
-    def reset(self):
-        self.plan[:] = 0.0
 
     def _returns(self, states: np.ndarray, actions: np.ndarray, x0: np.ndarray) -> np.ndarray:
         """Summed reward of each rollout; states (K, H·fs, nstate) per substep, actions (K, H, nu)."""

@@ -102,10 +102,15 @@ def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data",
         args = [(k, n, str(directory), split.composition, split.episodes_per_task, demos, seed,
                  split.episode_length, source) for k, n in jobs]
         workers = min(int(data.get("workers", 1)), len(args))
-        results = map(_job, args) if workers <= 1 else ProcessPoolExecutor(workers).map(_job, args)
-        for i, (kind, name, secs) in enumerate(results, 1):
-            if progress:
-                print(f"[{i}/{len(args)}] {kind} {name}: {secs:.1f} s", flush=True)
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        try:
+            results = pool.map(_job, args) if pool else map(_job, args)
+            for i, (kind, name, secs) in enumerate(results, 1):
+                if progress:
+                    print(f"[{i}/{len(args)}] {kind} {name}: {secs:.1f} s", flush=True)
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
     dims = {"obs_dim": OBS_DIM[split.family], "act_dim": ACT_DIM[split.family]}
     dataset = load_dataset(directory, train, demos=demos, **dims)
     unseen = [t.name for t in split.unseen]

@@ -107,3 +107,14 @@ def test_killed_generation_resumes_to_the_same_data(tmp_path):
     for t in ("cheetah_dir-0", "cheetah_dir-1"):
         assert read_sidecar(directory, t)["npz_sha256"] == read_sidecar(clean, t)["npz_sha256"]
         assert read_sidecar(directory / "demos-1", t)["npz_sha256"] == read_sidecar(clean / "demos-1", t)["npz_sha256"]
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_data(tmp_path):
+    one, two = smoke_data(), smoke_data(workers=2)
+    loco.ensure_dataset(one, tmp_path / "one", progress=False)
+    loco.ensure_dataset(two, tmp_path / "two", progress=False)
+    a, b = loco.dataset_dir(one, tmp_path / "one"), loco.dataset_dir(two, tmp_path / "two")
+    for t in ("cheetah_vel-0", "cheetah_vel-1"):
+        assert read_sidecar(a, t)["npz_sha256"] == read_sidecar(b, t)["npz_sha256"]
+    assert read_sidecar(a / "demos-1", "cheetah_vel-2")["npz_sha256"] == read_sidecar(b / "demos-1", "cheetah_vel-2")["npz_sha256"]

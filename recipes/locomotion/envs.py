@@ -3,7 +3,8 @@
 The simulation (model, frame skip 5, dt 0.05 s, reset noise: qpos + U(-0.1, 0.1), qvel +
 0.1·N(0, 1)) is gymnasium's; the observation, reward and termination are Prompt-DT's
 (``envs/mujoco-control-envs/mujoco_control_envs/tp_envs/`` in ``mxu34/prompt-dt``, which adapts
-MAML's rllab environments ``half_cheetah_env_rand{,_direc}.py`` and PEARL's ``ant_dir.py``).
+MAML's rllab environments ``half_cheetah_env_rand{,_direc}.py`` and PEARL's ``ant_dir.py``;
+MACAW's ``src/tp_envs/`` in ``eric-mitchell/macaw`` has the same reward code).
 With a = the action and dt = 0.05:
 
 ``cheetah_vel`` (``half_cheetah_vel.py``)::

@@ -22,7 +22,11 @@ angles uniform on [0, 2π); Cheetah-dir has no randomness), for robustness check
 always gives the same goals. The published *datasets* (Prompt-DT's per-task pickles) are not
 reachable from here, so the data is generated locally (see ``recipes.locomotion.expert``).
 
-Split (journal Table VIII, identical to Prompt-DT's ``config/<family>/<family>_<n>.json``):
+Prompt-DT took these environments from MACAW (Mitchell et al., 2021, ``eric-mitchell/macaw``,
+``src/tp_envs/``: same rewards, same ``linspace`` velocities) and MACAW's offline buffers.
+
+Split (journal Table VIII, identical to Prompt-DT's ``config/<family>/<family>_<n>.json`` and
+MACAW's ``config/cheetah_vel/40tasks_offline.json`` / ``config/ant_dir/50tasks_offline.json``):
 Cheetah-dir trains and tests on both directions; Cheetah-vel tests on tasks [2, 7, 15, 23, 26]
 and trains on the other 35; Ant-dir tests on [6, 17, 23, 30, 41] and trains on the other 45.
 

@@ -39,7 +39,8 @@ cheetah_dir-1      -1      1070.1                                      14.2
 ant_dir-6          0.245   631.1                                       96.6
 =================  ======  ==========================================  =====================
 
-Mean over Cheetah-vel's five test tasks: -48.9 (papers, learned policies on unseen tasks:
+Twice the samples (128) gave -44.3 / -90.2 on cheetah_vel-15 / -39 in twice the time (22 s), so
+64 is kept. Mean over Cheetah-vel's five test tasks: -48.9 (papers, learned policies on unseen tasks:
 Prompt-DT -127.7, MTDT -170.1, HarmoDT-F -66.5); Cheetah-dir mean 954 (935.3 / 662.4 / 958.5);
 Ant-dir one task 631 (278.7 / 165.3 / 298.3). The sub-optimal sweep's first half costs 0.8 s per
 episode and returns -115..-206 on cheetah_vel-15 and -414..-542 on cheetah_vel-39 (doing nothing:

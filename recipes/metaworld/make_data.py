@@ -30,13 +30,22 @@ def data_root(root: str | Path) -> Path:
     return root if root.is_absolute() else REPO_ROOT / root
 
 
+def _refuse_locomotion(data: Mapping[str, Any] | None) -> None:
+    if data and data.get("benchmark") == "locomotion":
+        raise ConfigError(f"data.benchmark=locomotion (data.family={data.get('family')}): locomotion data "
+                          "can be generated (recipe=make_data), but this recipe cannot train or evaluate "
+                          "on it yet; choose a Meta-World data option")
+
+
 def _require_data(data: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    _refuse_locomotion(data)
     if not data or "composition" not in data:
         raise ConfigError("no Meta-World data chosen: add data=<option> (conf/data: tiny, mt10_near, mt10_sub, ...)")
     return data
 
 
 def dataset_tasks(data: Mapping[str, Any]) -> list[str]:
+    _refuse_locomotion(data)
     try:
         return resolve_tasks(data.get("taskset"), data.get("tasks"))
     except UnknownTaskError as e:
@@ -55,6 +64,7 @@ def dataset_dir(data: Mapping[str, Any], root: str | Path) -> Path:
 def unseen_tasks(data: Mapping[str, Any]) -> list[str]:
     """Tasks with no training data that are only evaluated (``data.unseen_taskset``, e.g. ML45-test,
     or an explicit ``data.unseen_tasks`` list); [] when neither is set."""
+    _refuse_locomotion(data)
     name, tasks = data.get("unseen_taskset"), data.get("unseen_tasks")
     if not name and not tasks:
         return []
@@ -106,18 +116,35 @@ def smoke_data_overrides(data: Mapping[str, Any], n_tasks: int = 2) -> dict[str,
     """``debug=smoke``'s data sizes as ``data.<key>: value``: the first ``n_tasks`` tasks, 4 episodes
     of 50 steps each (2 for sub_optimal), at most one demonstration and one held-out episode per
     task, the first unseen task only, generated in one process."""
+    _refuse_locomotion(data)
     unseen = unseen_tasks(data)[:1]
     return {"data.tasks": dataset_tasks(data)[:n_tasks], "data.transitions_per_task": 200, "data.episode_length": 50,
             "data.workers": 1, "data.prompt_demos": min(int(data.get("prompt_demos", 0) or 0), 1),
             "data.unseen_taskset": None, "data.unseen_tasks": unseen or None, "data.sampling.heldout_episodes": 1}
 
 
+def _locomotion(cfg: DictConfig) -> bool:
+    data = cfg.get("data")
+    return bool(data) and data.get("benchmark") == "locomotion"
+
+
 def smoke_overrides(cfg: DictConfig) -> dict[str, Any]:
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        return loco.smoke_data_overrides(cfg.data)
     return smoke_data_overrides(_require_data(cfg.get("data")))
 
 
 def check_config(cfg: DictConfig) -> None:
     """Before any data is made: the data node, its task lists and generation sizes."""
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        if cfg.get("format", "npz") != "npz":
+            raise ConfigError(f"format={cfg.get('format')}: the locomotion data is written as npz only")
+        loco.check_data_config(cfg.data)
+        return
     data = _require_data(cfg.get("data"))
     check_data_config(data)
     check_export_config(cfg)
@@ -207,6 +234,12 @@ def summarise(dataset: OfflineDataset, directory: Path) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict:
     from recipes.common import print_table, run_dir
 
+    if _locomotion(cfg):
+        from recipes.locomotion import make_data as loco
+
+        summary = loco.run(cfg.data, cfg.data_root)
+        write_json(run_dir() / "data_summary.json", summary)
+        return summary
     t0 = time.perf_counter()
     data = _require_data(cfg.get("data"))
     directory = dataset_dir(data, cfg.data_root)

@@ -14,7 +14,9 @@ from recipes.metaworld.sampler import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
-DATA_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+# Meta-World options; the locomotion ones (benchmark: locomotion) are checked below and in tests/locomotion.
+LOCOMOTION_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "benchmark: locomotion" in p.read_text())
+DATA_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem not in LOCOMOTION_OPTIONS)
 
 
 def _compose(overrides):
@@ -35,6 +37,21 @@ def test_data_option_composes(option, recipe):
     tasks = dataset_tasks(cfg.data)
     assert tasks and spec.n_episodes > sampling.heldout_episodes
     assert dataset_dir(cfg.data, cfg.data_root).parent == REPO / "data" / "metaworld"
+
+
+@pytest.mark.parametrize("option", LOCOMOTION_OPTIONS)
+@pytest.mark.parametrize("recipe", ["make_data", "digits"])
+def test_locomotion_data_option_composes(option, recipe):
+    from recipes.locomotion.make_data import check_data_config, dataset_dir as loco_dir
+
+    cfg = _compose([f"recipe={recipe}", f"data={option}"])
+    split = check_data_config(cfg.data)
+    assert split.family == option and split.train and split.episodes_per_task >= 1
+    assert loco_dir(cfg.data, cfg.data_root).parent == REPO / "data" / "locomotion"
+
+
+def test_locomotion_options_exist():
+    assert LOCOMOTION_OPTIONS == ["ant_dir", "cheetah_dir", "cheetah_vel"]
 
 
 def test_make_data_default_is_tiny_and_near_sub_share_schedule():

@@ -152,3 +152,51 @@ def test_make_data_checks_format(tiny, tmp_path):
         check_export_config(OmegaConf.create({"format": "parquet"}))
     with pytest.raises(ConfigError, match="minari_version=-1"):
         check_export_config(OmegaConf.create({"format": "minari", "minari_version": -1}))
+
+
+def test_data_source_checks(tiny, tmp_path):
+    """data.source=minari is checked before any training: datasets present, no demonstrations, no
+    unseen tasks, ids of known tasks."""
+    from maskmtl.config import ConfigError
+    from recipes.metaworld.make_data import check_source, ensure_dataset, minari_ids
+
+    data = {"composition": "near_optimal", "tasks": ["reach-v3", "push-v3"], "source": "minari",
+            "minari_root": str(tmp_path / "m"), "prompt_demos": 0}
+    with pytest.raises(ConfigError, match=r"no Minari dataset metaworld/reach-v3/near_optimal-v0, .*push-v3.* under"):
+        check_source(data)
+    export_minari(tiny, "near_optimal", tmp_path / "m")
+    check_source(data)
+    got = ensure_dataset(data, tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()  # nothing generated
+    for t in tiny.tasks:
+        np.testing.assert_array_equal(got[t].actions, tiny[t].actions)
+    with pytest.raises(ConfigError, match="data.prompt_demos=2"):
+        check_source({**data, "prompt_demos": 2})
+    with pytest.raises(ConfigError, match="unseen_tasks"):
+        check_source({**data, "unseen_tasks": ["pick-place-v3"]})
+    with pytest.raises(ConfigError, match="data.source='hub'"):
+        check_source({**data, "source": "hub"})
+    with pytest.raises(ConfigError, match=r"data.minari_ids: \['door-open-v3'\]"):
+        minari_ids({**data, "minari_ids": {"door-open-v3": "x/y-v0"}})
+    assert minari_ids({**data, "minari_ids": {"push-v3": "lab/push-v2"}})["push-v3"] == "lab/push-v2"
+
+
+@pytest.mark.slow
+def test_training_on_exported_minari_data_equals_training_on_the_npz(tmp_path):
+    """make_data exports the smoke data to Minari; harmodt trained from those Minari datasets
+    (data.source=minari, nothing generated) gives the run trained from the .npz files."""
+    from test_recipes import run
+
+    m, d = tmp_path / "minari", tmp_path / "data"
+    run("recipe=make_data", "debug=smoke", "format=minari", f"minari_root={m}", f"data_root={d}",
+        f"hydra.run.dir={tmp_path / 'export'}")
+    common = ["recipe=harmodt", "debug=smoke", "method=harmodt_f", "data.prompt_demos=0"]
+    run(*common, f"data_root={d}", f"hydra.run.dir={tmp_path / 'npz'}")
+    run(*common, "data.source=minari", f"data.minari_root={m}", f"data_root={tmp_path / 'empty'}",
+        f"hydra.run.dir={tmp_path / 'minari_run'}")
+    assert not (tmp_path / "empty").exists()
+    a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in ("npz", "minari_run"))
+    assert a["tasks"] == b["tasks"] and a["per_task"] == b["per_task"]
+    la, lb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("npz", "minari_run"))
+    losses = lambda rows: [r["train/loss"] for r in rows if "train/loss" in r]  # noqa: E731
+    assert losses(la) and losses(la) == losses(lb)

@@ -119,7 +119,8 @@ def smoke_data_overrides(data: Mapping[str, Any], n_tasks: int = 2) -> dict[str,
     _refuse_locomotion(data)
     unseen = unseen_tasks(data)[:1]
     return {"data.tasks": dataset_tasks(data)[:n_tasks], "data.transitions_per_task": 200, "data.episode_length": 50,
-            "data.workers": 1, "data.prompt_demos": min(int(data.get("prompt_demos", 0) or 0), 1),
+            "data.workers": 1,
+            "data.prompt_demos": 0 if data.get("source") == "minari" else min(int(data.get("prompt_demos", 0) or 0), 1),
             "data.unseen_taskset": None, "data.unseen_tasks": unseen or None, "data.sampling.heldout_episodes": 1}
 
 
@@ -146,6 +147,9 @@ def check_config(cfg: DictConfig) -> None:
         loco.check_data_config(cfg.data)
         return
     data = _require_data(cfg.get("data"))
+    if data.get("source", "generate") != "generate":
+        raise ConfigError(f"data.source={data.get('source')!r}: recipe=make_data generates data; data.source=minari "
+                          f"is for the training recipes (export Minari datasets with format=minari)")
     check_data_config(data)
     check_export_config(cfg)
 
@@ -190,14 +194,73 @@ def check_data_config(data: Mapping[str, Any]) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"data.{key}={v!r}: expected an integer >= {lo}")
     dataset_dir(data, ".")  # the remaining generation keys (GenerationSpec)
+    check_source(data)
+
+
+DATA_SOURCES = ("generate", "minari")
+
+
+def check_source(data: Mapping[str, Any]) -> None:
+    """``data.source``: ``generate`` (made here, cached under data_root) or ``minari`` (read from
+    Minari datasets, e.g. ones ``recipe=make_data format=minari`` exported). A Minari source must
+    name datasets that exist, and holds no separate prompt demonstrations and no unseen tasks."""
+    source = data.get("source", "generate")
+    if source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={source!r}: expected one of {', '.join(DATA_SOURCES)}")
+    if source != "minari":
+        return
+    try:
+        from recipes.metaworld import minari_format as mf
+
+        mf._minari()
+    except ImportError as e:
+        raise ConfigError(f"data.source=minari: {e}") from None
+    if int(data.get("prompt_demos", 0) or 0):
+        raise ConfigError(f"data.source=minari: data.prompt_demos={data.get('prompt_demos')}, but Minari datasets "
+                          f"hold no separate prompt demonstrations; set data.prompt_demos=0 (prompts and held-out "
+                          f"episodes then come from each task's top-return episodes, data.sampling)")
+    if unseen_tasks(data):
+        raise ConfigError("data.source=minari: unseen tasks (data.unseen_taskset / data.unseen_tasks) need prompt "
+                          "demonstrations, which Minari datasets do not hold; set both to null")
+    ids = minari_ids(data)
+    root = mf.root_dir(data.get("minari_root"))
+    missing = [i for i in ids.values() if not (root / i).exists()]
+    if missing:
+        raise ConfigError(f"data.source=minari: no Minari dataset {', '.join(missing[:4])}"
+                          f"{f' (and {len(missing) - 4} more)' if len(missing) > 4 else ''} under {root} "
+                          f"(data.minari_root, else MINARI_DATASETS_PATH, else ~/.minari/datasets); export them with "
+                          f"`tools/run.py recipe=make_data data=<this data option> format=minari minari_root=DIR`, "
+                          f"or name existing ones in data.minari_ids")
+
+
+def minari_ids(data: Mapping[str, Any], tasks: Sequence[str] | None = None) -> dict[str, str]:
+    """Task -> Minari dataset id for ``data.source=minari``: ``data.minari_ids[task]`` when given,
+    else ``metaworld/<task>/<data.composition>-v<data.minari_version>``."""
+    from recipes.metaworld.minari_format import dataset_id
+
+    given = dict(data.get("minari_ids") or {})
+    version = data.get("minari_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"data.minari_version={version!r}: expected an integer >= 0")
+    tasks = list(tasks) if tasks is not None else dataset_tasks(data)
+    unknown = sorted(set(given) - set(tasks))
+    if unknown:
+        raise ConfigError(f"data.minari_ids: {unknown} are not tasks of this data option ({len(tasks)} tasks)")
+    return {t: str(given.get(t) or dataset_id(t, str(data["composition"]), version)) for t in tasks}
 
 
 def ensure_dataset(data: Mapping[str, Any], root: str | Path = "data", tasks: Sequence[str] | None = None,
                    progress: bool = True) -> OfflineDataset:
     """The dataset described by the ``data`` config node under ``root`` (the ``data_root`` key), for
     ``tasks`` (default: the node's task set). Tasks not yet on disk are generated (and cached for
-    later runs); then every task is loaded and validated."""
-    directory = dataset_dir(_require_data(data), root)  # also checks the generation keys
+    later runs); then every task is loaded and validated. With ``data.source=minari`` the tasks are
+    read from their Minari datasets instead (nothing is generated)."""
+    if _require_data(data).get("source", "generate") == "minari":
+        from recipes.metaworld.minari_format import read_minari
+
+        tasks = list(tasks) if tasks is not None else dataset_tasks(data)
+        return read_minari(tasks, minari_root=data.get("minari_root"), ids=minari_ids(data, tasks))
+    directory = dataset_dir(data, root)  # also checks the generation keys
     tasks = list(tasks) if tasks is not None else dataset_tasks(data)
     demos = int(data.get("prompt_demos", 0) or 0)
     done = [is_complete(directory, t) and (not demos or is_complete(demo_dir(directory, demos), t)) for t in tasks]

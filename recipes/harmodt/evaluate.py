@@ -95,7 +95,7 @@ class GridPolicy:
     """One forward for a (T, n) grid of envs, each task with its own mask, prompt and task id.
 
     Args:
-        model: a ``PromptDT``.
+        model: a ``PromptDT``, or any model with its forward signature (recipes/harmodt/baselines.py).
         tasks: task index (into ``masks.tasks`` / the prompt rows) of each grid row.
         masks: per-task masks, or ``None`` for a dense model.
         prompt: tuple (states, actions, rtg, timesteps, mask) with leading dim T, or ``None``.
@@ -115,18 +115,18 @@ class GridPolicy:
                 self.stacked = {n: torch.stack([torch.where(masks[n][masks.group_of(int(t))], params[n], 0.0)
                                                 for t in tasks]) for n in masks.names}  # (T, *P)
 
-    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt):
+    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt, extra):
         # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …)
-        kwargs = {"prompt": prompt}
+        kwargs = {"prompt": prompt} | extra
         if self.task_ids:
             kwargs["task"] = task.expand(states.shape[0])
         if params is None:
             return self.model(states, actions, rtg, timesteps, mask, **kwargs)
         return functional_call(self.model, params, (states, actions, rtg, timesteps, mask), kwargs)
 
-    @torch.inference_mode()
-    def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
-        """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+    def forward(self, states, actions, rtg, timesteps, mask, **extra):
+        """Inputs (T, n, K, ·); returns the model's output for every step, (T, n, K, ·). ``extra``:
+        more keyword arguments of the model's forward."""
         states, actions, rtg, timesteps, mask = (x.to(self.device, non_blocking=True)
                                                  for x in (states, actions, rtg, timesteps, mask))
         t, n = states.shape[:2]
@@ -135,13 +135,19 @@ class GridPolicy:
             prompt = tuple(p[:, None].expand(-1, n, *p.shape[1:]) for p in self.prompt)  # (T, n, K*, ·)
         if self.stacked is None:  # dense: the grid is one batch
             flat = lambda x: x.reshape(t * n, *x.shape[2:])  # noqa: E731
-            kwargs = {"prompt": tuple(flat(p) for p in prompt) if prompt is not None else None}
+            kwargs = {"prompt": tuple(flat(p) for p in prompt) if prompt is not None else None} | extra
             if self.task_ids:
                 kwargs["task"] = self.tasks.repeat_interleave(n)
             out = self.model(flat(states), flat(actions), flat(rtg), flat(timesteps), flat(mask), **kwargs)
-            return out.reshape(t, n, *out.shape[1:])[:, :, -1]
-        out = vmap(self._one)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask, prompt)
-        return out[:, :, -1]  # (T, n, A)
+            return out.reshape(t, n, *out.shape[1:])
+        one = lambda *a: self._one(*a, extra)  # noqa: E731
+        in_dims = (0,) * 7 + (None if prompt is None else 0,)  # no prompt (MTDT, MTBC, MGDT): nothing to map
+        return vmap(one, in_dims=in_dims)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask, prompt)
+
+    @torch.inference_mode()
+    def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
+        """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+        return self.forward(states, actions, rtg, timesteps, mask)[:, :, -1]
 
 
 @dataclass

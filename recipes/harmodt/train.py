@@ -185,6 +185,9 @@ def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig,
     """The recipes' model of ``spec`` for ``dataset`` (timestep embedding long enough for the data's and
     the evaluation's episodes, unless ``model.max_ep_len`` sets it)."""
     max_ep_len = max(int(data_node.get("episode_length", 500)), ev.max_steps)
+    if spec.max_ep_len is not None and spec.max_ep_len < max_ep_len:
+        raise ConfigError(f"model.max_ep_len={spec.max_ep_len}: the timestep embedding needs a row for each of the "
+                          f"{max_ep_len} steps of an episode (data.episode_length, eval.max_steps); or set null")
     return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks), return_max).to(device)
 
 

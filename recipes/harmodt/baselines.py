@@ -167,3 +167,126 @@ class ReturnSamplingPolicy(GridPolicy):
     def on_step(self, t: int, history) -> None:
         """After step t is played: the return-to-go it conditioned on is the history's."""
         history.rtg[:, :, t, 0] = self.chosen
+
+
+# ---------------------------------------------------------------------------------- MTIQL
+# Implicit Q-learning (Kostrikov et al. 2021, "Offline Reinforcement Learning with Implicit
+# Q-Learning") as the HarmoDT papers' MTIQL: critics with one output head per task and the
+# task-id-conditioned MLP actor. The formulas, written here (tested against hand-computed numbers):
+#   V:     L_V = E[ L2_τ(min_i Q̄_i(s, a) − V(s)) ],  L2_τ(u) = |τ − 1(u < 0)| u²
+#   Q:     L_Q = Σ_i E[ (Q_i(s, a) − (r + γ V(s')))² ]      (V(s') held fixed)
+#   actor: L_π = E[ w ‖π(s) − a‖² ],  w = min(exp(β (min_i Q̄_i(s, a) − V(s))), w_max)   (held fixed)
+# Q̄: the target critics, an exponential moving average of the critics (rate ``target_rate``)
+# updated after every optimizer step. The actor is deterministic (tanh of the MLP), so the
+# advantage-weighted log-likelihood of the paper becomes an advantage-weighted squared error.
+
+def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """L2_τ(u) = |τ − 1(u < 0)| u², elementwise."""
+    return (tau - (u < 0).to(u.dtype)).abs() * u.square()
+
+
+def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """exp(β A) clipped at ``max_weight``."""
+    return torch.exp(beta * advantage).clamp(max=max_weight)
+
+
+def td_target(reward: torch.Tensor, next_value: torch.Tensor, gamma: float,
+              done: torch.Tensor | None = None) -> torch.Tensor:
+    """r + γ (1 − done) V(s')."""
+    keep = 1.0 if done is None else 1.0 - done.to(reward.dtype)
+    return reward + gamma * keep * next_value
+
+
+class MultiHeadCritic(nn.Module):
+    """An MLP over ``in_dim`` inputs with one output per task: (B, K, in) -> (B, K, n_tasks)."""
+
+    def __init__(self, in_dim: int, n_tasks: int, width: int, depth: int):
+        super().__init__()
+        layers, d = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.ReLU()]
+            d = width
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.Linear(d, n_tasks)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """The head of each row's task: (B, K)."""
+        out = self.heads(self.trunk(x))  # (B, K, T)
+        return out.gather(-1, task[:, None, None].expand(-1, out.shape[1], 1))[..., 0]
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are buffers: saved with the weights, never trained."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for sub in twin.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            delattr(sub, name)
+            sub.register_buffer(name, p.detach().clone())
+    return twin
+
+
+class IQLAgent(nn.Module):
+    """MTIQL: the task-id MLP actor (``actor``), twin multi-head Q critics (``q1``, ``q2``) and
+    their target copies (``q1_target``, ``q2_target``, buffers), a multi-head value (``v``).
+
+    ``forward(...)`` returns the actor's actions (B, K, A), like the other models, so evaluation and
+    masks (the actor's weights) are the recipe's; ``output="iql"`` returns a dict of what the loss
+    needs: ``actions``, ``q1``, ``q2``, ``q_target`` (min of the targets), ``v``, each (B, K) but
+    ``actions``."""
+
+    def __init__(self, state_dim: int, act_dim: int, n_tasks: int, width: int = 256, depth: int = 3,
+                 dropout: float = 0.0):
+        super().__init__()
+        if n_tasks < 1:
+            raise ValueError("MTIQL needs the task count (one critic head per task)")
+        self.n_tasks = n_tasks
+        self.actor = MLPActor(state_dim, act_dim, width=width, depth=depth, n_tasks=n_tasks, dropout=dropout)
+        self.q1 = MultiHeadCritic(state_dim + act_dim, n_tasks, width, depth)
+        self.q2 = MultiHeadCritic(state_dim + act_dim, n_tasks, width, depth)
+        self.v = MultiHeadCritic(state_dim, n_tasks, width, depth)
+        self.q1_target, self.q2_target = _frozen_copy(self.q1), _frozen_copy(self.q2)
+
+    def forward(self, states, actions=None, rtg=None, timesteps=None, mask=None, prompt=None, task=None,
+                output: str = "actions"):
+        if task is None:
+            raise ValueError("MTIQL is task-id conditioned: pass task")
+        pred = self.actor(states, prompt=prompt, task=task)
+        if output != "iql":
+            return pred
+        sa = torch.cat([states, actions], dim=-1)
+        with torch.no_grad():
+            q_target = torch.minimum(self.q1_target(sa, task), self.q2_target(sa, task))
+        return {"actions": pred, "q1": self.q1(sa, task), "q2": self.q2(sa, task), "q_target": q_target,
+                "v": self.v(states, task)}
+
+    @torch.no_grad()
+    def update_targets(self, rate: float) -> None:
+        """Q̄ ← (1 − rate) Q̄ + rate Q."""
+        for online, target in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
+            buffers = dict(target.named_buffers())
+            for name, p in online.named_parameters():
+                buffers[name].lerp_(p, rate)
+
+
+def iql_loss(out: dict, batch: dict, *, tau: float, beta: float, gamma: float, max_weight: float,
+             reward_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """The MTIQL loss of one batch of segments (``IQLAgent.forward(..., output="iql")``'s ``out``):
+    L_V + L_Q + L_π. Transitions are the consecutive real steps (t, t + 1) of each segment, with
+    r_t = R_t − R_{t+1} (returns-to-go in training units) times ``reward_mult[task]`` when given, and
+    no terminal (Meta-World episodes end by time limit only); every real step trains V and the actor."""
+    mask, rtg = batch["mask"], batch["returns_to_go"][..., 0]
+    if reward_mult is not None:
+        rtg = rtg * reward_mult.to(rtg.device)[batch["task"]][:, None]
+    v, q_target = out["v"], out["q_target"]
+    adv = q_target - v
+    loss_v = expectile_loss(adv[mask], tau).mean()
+    pair = mask[:, :-1] & mask[:, 1:]  # (B, K-1)
+    target = td_target(rtg[:, :-1] - rtg[:, 1:], v[:, 1:].detach(), gamma)
+    # a batch whose segments all have one real step has no transition: no Q term then
+    loss_q = sum((out[q][:, :-1] - target)[pair].square().sum() for q in ("q1", "q2")) / pair.sum().clamp(min=1)
+    w = awr_weights(adv.detach(), beta, max_weight)
+    err = (out["actions"] - batch["actions"]).square().mean(-1)
+    loss_pi = (w * err)[mask].mean()
+    return loss_v + loss_q + loss_pi

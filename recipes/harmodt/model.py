@@ -24,14 +24,15 @@ import torch
 from torch import nn
 
 
-ARCHS = ("dt", "mlp", "mgdt")
+ARCHS = ("dt", "mlp", "mgdt", "iql")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """The ``model.*`` keys: the architecture, its sizes, and what conditions the policy (a prompt,
     a task id). ``arch``: ``dt`` (Prompt-DT / MTDT / HarmoDT), ``mlp`` (MTBC's task-id MLP actor,
-    ``mlp_width`` × ``mlp_depth``) or ``mgdt`` (multi-game DT, ``return_bins`` classes of the
+    ``mlp_width`` × ``mlp_depth``), ``iql`` (MTIQL: that actor and multi-head critics of the same
+    sizes) or ``mgdt`` (multi-game DT, ``return_bins`` classes of the
     return-to-go, ``return_loss_weight`` on their loss, ``expert_kappa`` at inference).
     ``max_ep_len``: rows of the timestep embedding (``None``: the data's and the evaluation's
     episode length)."""
@@ -69,6 +70,9 @@ class ModelSpec:
         if self.arch == "mlp":
             return baselines.MLPActor(obs_dim, act_dim, width=self.mlp_width, depth=self.mlp_depth,
                                       n_tasks=n_tasks if self.task_id else 0, dropout=self.dropout)
+        if self.arch == "iql":
+            return baselines.IQLAgent(obs_dim, act_dim, n_tasks, width=self.mlp_width, depth=self.mlp_depth,
+                                      dropout=self.dropout)
         if self.arch == "mgdt":
             return baselines.MultiGameDT(obs_dim, act_dim, d_model=self.d_model, n_layer=self.n_layer,
                                          n_head=self.n_head, dropout=self.dropout, max_ep_len=max_ep_len,

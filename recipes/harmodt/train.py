@@ -8,6 +8,7 @@
     python tools/run.py recipe=harmodt method=mtbc              # behaviour cloning, task-id MLP actor (dense)
     python tools/run.py recipe=harmodt method=mtbc_harmodt_f    # the same actor with HarmoDT-F's per-task masks
     python tools/run.py recipe=harmodt method=mgdt              # multi-game DT: no prompt/id, returns predicted
+    python tools/run.py recipe=harmodt method=mtiql             # IQL, one critic head per task, task-id actor
     python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
     python tools/run.py recipe=harmodt data=ml45_tiny           # train on ML45's 45 tasks, then evaluate the
                                                                 # voting mask on its 5 unseen tasks
@@ -48,16 +49,19 @@ def eval_prompts(sampler: SegmentSampler, device) -> tuple:
 
 
 def make_loss_fn(use_prompt: bool, task_id: bool, arch: str = "dt", return_loss_weight: float = 1.0,
-                 return_max: float = 1.0):
+                 return_max: float = 1.0, iql: dict | None = None):
     """The training loss of ``model.arch``: the action MSE over the real (unpadded) steps of the
     segments (dt, mlp); for mgdt, plus ``return_loss_weight`` × the cross-entropy of the binned
-    return-to-go (``baselines.return_bin_loss``)."""
-    from recipes.harmodt.baselines import return_bin_loss
+    return-to-go (``baselines.return_bin_loss``); for iql, MTIQL's value, Q and advantage-weighted
+    actor losses (``baselines.iql_loss``, the ``iql.*`` keys in ``iql``)."""
+    from recipes.harmodt.baselines import iql_loss, return_bin_loss
 
     def loss_fn(forward, task: int, batch: dict) -> torch.Tensor:
         prompt = prompt_of(batch) if use_prompt else None
         args = (batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
         kwargs = {"prompt": prompt, "task": batch["task"] if task_id else None}
+        if arch == "iql":
+            return iql_loss(forward(*args, **kwargs, output="iql"), batch, **iql)
         if arch == "mgdt":
             pred, logits = forward(*args, **kwargs, output="both")
         else:
@@ -203,6 +207,30 @@ def policy_factory(spec: ModelSpec, ev: EvalSpec):
     return make
 
 
+IQL_KEYS = [
+    ("iql.tau", is_number(0, 1, lo_open=True, hi_open=True), "a number in (0, 1) (the expectile of the value)"),
+    ("iql.beta", is_number(0), "a number >= 0 (inverse temperature of the advantage weights)"),
+    ("iql.gamma", is_number(0, 1, hi_open=True), "a number in [0, 1) (discount)"),
+    ("iql.max_weight", is_number(0, lo_open=True), "a number > 0 (the advantage weights' clip)"),
+    ("iql.target_rate", is_number(0, 1, lo_open=True), "a number in (0, 1] (the target critics' EMA rate per step)"),
+    ("iql.reward_norm", is_bool, "true or false (rewards x 1000 / each task's return range, as IQL's)"),
+]
+
+
+def iql_settings(cfg: DictConfig, returns: list[np.ndarray], reward_scale: float) -> dict:
+    """The MTIQL loss's keyword arguments from ``iql.*`` (``target_rate`` is the step hook's). With
+    ``iql.reward_norm``, each task's rewards are scaled as IQL scales a Gym-MuJoCo dataset's, to
+    1000 / (its highest − its lowest episode return) in raw units (``returns``: each task's episode
+    returns); a task whose returns are all equal keeps raw units."""
+    node = OmegaConf.to_container(cfg.iql, resolve=True)
+    out = {k: float(node[k]) for k in ("tau", "beta", "gamma", "max_weight")}
+    if node["reward_norm"]:
+        spread = np.array([float(np.ptp(r)) for r in returns])
+        raw = reward_scale * np.where(spread > 0, 1000.0 / np.where(spread > 0, spread, 1.0), 1.0)
+        out["reward_mult"] = torch.tensor(raw, dtype=torch.float32)
+    return out
+
+
 def parameter_line(model: torch.nn.Module, cfg: DictConfig) -> str:
     """The model's parameter count, beside the journal's Table VI count when the profile names one."""
     n = sum(p.numel() for p in model.parameters())
@@ -234,8 +262,9 @@ class PromptDTSetup:
         # MGDT's binned returns-to-go span [0, the highest episode return], in training units
         self.return_max = max(float(np.max(r)) for r in self.returns) / self.sampler.config.reward_scale
         self.model = build_model(self.spec, self.dataset, cfg.data, self.ev, self.device, self.return_max)
+        self.iql = iql_settings(cfg, self.returns, self.sampler.config.reward_scale) if self.spec.arch == "iql" else None
         self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id, self.spec.arch, self.spec.return_loss_weight,
-                                    self.return_max)
+                                    self.return_max, self.iql)
         self.policy_factory = policy_factory(self.spec, self.ev)
         self.generators = {"tasks": make_generator(cfg.seed, 3)}
         self.rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
@@ -342,6 +371,9 @@ def check_model_config(cfg: DictConfig) -> None:
     arch = OmegaConf.select(cfg, "model.arch", default="dt")
     if arch == "mlp" and cfg.model.prompt:
         raise ConfigError("model.arch=mlp (MTBC's actor) takes no trajectory prompt: set model.prompt=false")
+    if arch == "iql" and (cfg.model.prompt or not cfg.model.task_id):
+        raise ConfigError("model.arch=iql (MTIQL) has a task-id actor and no prompt: set model.prompt=false and "
+                          "model.task_id=true")
     if arch == "mgdt" and (cfg.model.prompt or cfg.model.task_id):
         raise ConfigError("model.arch=mgdt (multi-game DT) is conditioned on neither a prompt nor a task id: set "
                           "model.prompt=false and model.task_id=false")
@@ -352,9 +384,9 @@ def check_config(cfg: DictConfig) -> None:
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
                           f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f, "
-                          f"harmodt_random, mtbc, mtbc_harmodt_f, mgdt, mgdt_harmodt_f")
+                          f"harmodt_random, mtbc, mtbc_harmodt_f, mgdt, mgdt_harmodt_f, mtiql, mtiql_harmodt_f")
     check_model_config(cfg)
-    check_keys(cfg, HELDOUT_KEYS)
+    check_keys(cfg, HELDOUT_KEYS + IQL_KEYS)
     heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
     sampling = OmegaConf.select(cfg, "data.sampling.heldout_episodes", default=SamplingConfig.heldout_episodes)
     if heldout and sampling == 0 and int(OmegaConf.select(cfg, "data.prompt_demos", default=0) or 0) < 1:
@@ -439,8 +471,13 @@ def run(cfg: DictConfig) -> dict | None:
                    | {"eval/mean_success": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
         return Evaluation(metrics, mean, rep.per_task)
 
+    on_step = None
+    if setup.spec.arch == "iql":  # MTIQL: the target critics follow the critics after every step
+        rate = float(cfg.iql.target_rate)
+        on_step = lambda step, metrics: model.update_targets(rate)  # noqa: E731
     loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn, batch_for=setup.batch_for,
                      score_batches=setup.score_batches, numpy_rngs=setup.rngs, multi=multi, evaluate=evaluate_at,
+                     on_step=on_step,
                      generators=setup.generators | (multi.generators if multi else {}))
     loop.restore()
     initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after the restore

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from maskmtl import MaskedModel, MaskSet
-from recipes.harmodt.baselines import (MLPActor, MultiGameDT, ReturnSamplingPolicy, bin_centres,
-                                       expert_return_logits, return_bin, return_bin_loss)
+from recipes.harmodt.baselines import (IQLAgent, MLPActor, MultiGameDT, ReturnSamplingPolicy, awr_weights,
+                                       bin_centres, expectile_loss, expert_return_logits, iql_loss, return_bin,
+                                       return_bin_loss, td_target)
 from recipes.harmodt.evaluate import GridPolicy
 
 
@@ -45,6 +46,59 @@ def test_expert_tilt_golden():
     # kappa 0 leaves the model's distribution as it is
     logits = torch.tensor([1.0, -2.0, 0.5, 3.0])
     assert torch.allclose(expert_return_logits(logits, 0.0, 4).softmax(-1), logits.softmax(-1))
+
+
+def test_iql_expectile_and_awr_weights_golden():
+    # L2_0.7(u) = |0.7 - 1(u < 0)| u^2: u = -2 -> 0.3 * 4, u = 1 -> 0.7, u = 0 -> 0, u = 0.5 -> 0.175
+    u = torch.tensor([-2.0, 1.0, 0.0, 0.5])
+    assert expectile_loss(u, 0.7).tolist() == pytest.approx([1.2, 0.7, 0.0, 0.175])
+    assert expectile_loss(u, 0.5).tolist() == pytest.approx([2.0, 0.5, 0.0, 0.125])  # tau 0.5: half the MSE
+    # exp(3 A) clipped at 100: A = 0 -> 1, A = 1 -> e^3, A = -1 -> e^-3, A = 10 -> 100
+    w = awr_weights(torch.tensor([0.0, 1.0, -1.0, 10.0]), 3.0, 100.0)
+    assert w.tolist() == pytest.approx([1.0, 20.085537, 0.049787, 100.0], rel=1e-5)
+    # r + gamma (1 - done) V(s'): 1 + 0.99 * 2, and 0.5 at a terminal
+    assert td_target(torch.tensor([1.0, 0.5]), torch.tensor([2.0, 3.0]), 0.99,
+                     torch.tensor([False, True])).tolist() == pytest.approx([2.98, 0.5])
+
+
+def test_iql_loss_golden():
+    """One segment of 3 steps, the first padding: V and the actor train on steps 1, 2; Q on the
+    transition (1, 2) with r = R_1 - R_2 = 0.5 (times the task's reward multiplier 2 -> 1)."""
+    out = {"v": torch.tensor([[9.0, 1.0, 2.0]]), "q_target": torch.tensor([[9.0, 1.5, 1.0]]),
+           "q1": torch.tensor([[9.0, 2.0, 9.0]]), "q2": torch.tensor([[9.0, 3.0, 9.0]]),
+           "actions": torch.tensor([[[0.0], [1.0], [0.0]]])}
+    batch = {"mask": torch.tensor([[False, True, True]]), "returns_to_go": torch.tensor([[[7.0], [1.0], [0.5]]]),
+             "actions": torch.zeros(1, 3, 1), "task": torch.tensor([1])}
+    loss = iql_loss(out, batch, tau=0.7, beta=1.0, gamma=0.9, max_weight=100.0, reward_mult=torch.tensor([5.0, 2.0]))
+    # V: u = (0.5, -1) -> (0.7 * 0.25 + 0.3 * 1) / 2 = 0.2375
+    # Q: target 1 + 0.9 * 2 = 2.8; (2 - 2.8)^2 + (3 - 2.8)^2 = 0.68
+    # actor: weights exp(0.5), exp(-1) on errors 1, 0 -> exp(0.5) / 2 = 0.824361
+    assert float(loss) == pytest.approx(0.2375 + 0.68 + math.exp(0.5) / 2, abs=1e-5)
+    assert float(loss) == pytest.approx(1.741861, abs=1e-5)
+
+
+def test_iql_agent_heads_targets_and_actor():
+    torch.manual_seed(0)
+    agent = IQLAgent(7, 2, n_tasks=3, width=16, depth=2)
+    # the targets are buffers (saved, never trained) equal to the critics at the start
+    assert not any(n.startswith(("q1_target", "q2_target")) for n, _ in agent.named_parameters())
+    assert torch.equal(agent.state_dict()["q1_target.heads.weight"], agent.q1.heads.weight)
+    states, actions, rtg, t, mask = segment()
+    task = torch.tensor([0, 1, 2])
+    out = agent(states, actions, rtg, t, mask, task=task, output="iql")
+    assert torch.equal(agent(states, actions, rtg, t, mask, task=task), out["actions"])
+    # each row reads its own task's head
+    heads = agent.v.heads(agent.v.trunk(states))  # (B, K, T)
+    assert torch.equal(out["v"], heads[torch.arange(3), :, task])
+    # the Q and V terms give the actor no gradient, and the targets none at all
+    (out["q1"].sum() + out["v"].sum() + out["q_target"].sum()).backward()
+    assert all(p.grad is None for p in agent.actor.parameters()) and agent.q1.heads.weight.grad is not None
+    # the targets move towards the critics by the rate
+    before = agent.q1_target.heads.weight.clone()
+    with torch.no_grad():
+        agent.q1.heads.weight.add_(1.0)
+    agent.update_targets(0.25)
+    assert torch.allclose(agent.q1_target.heads.weight, before + 0.25, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- models
@@ -149,9 +203,11 @@ def test_masked_mlp_actor_on_the_grid_equals_each_tasks_masked_forward():
 
 pytest.importorskip("metaworld")
 
+from maskmtl import read_masks_file  # noqa: E402
 from test_recipes import check_contract, finished_runs, killed_and_resumed, run  # noqa: E402
 
-BASELINES = ["mtbc", "mtbc_harmodt_f", "mgdt", "mgdt_harmodt_f"]
+BASELINES = ["mtbc", "mtbc_harmodt_f", "mgdt", "mgdt_harmodt_f", "mtiql", "mtiql_harmodt_f"]
+ARCH = {"mtbc": "mlp", "mgdt": "mgdt", "mtiql": "iql"}
 
 
 @pytest.mark.slow
@@ -163,13 +219,16 @@ def test_every_baseline_smoke(tmp_path):
         seen.add(r["method"])
         assert r["steps"] == 20 and len(r["episodes"]) == len(r["tasks"])
         assert all(0.0 <= v["success"] <= 1.0 for v in r["per_task"].values())
-        assert all(abs(x - (1.0 if r["method"] in ("mtbc", "mgdt") else 0.8)) < 0.01 for x in r["density"])
-        assert r["config"]["model"]["arch"] == ("mlp" if r["method"].startswith("mtbc") else "mgdt")
+        assert all(abs(x - (1.0 if r["method"] in ARCH else 0.8)) < 0.01 for x in r["density"])
+        assert r["config"]["model"]["arch"] == ARCH[r["method"].split("_")[0]]
+        if r["method"].startswith("mtiql"):  # the masks cover the actor only
+            masks = read_masks_file(d / "masks.safetensors")[0]
+            assert masks and all(n.startswith("actor.") for n in masks)
     assert seen == set(BASELINES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mtbc_harmodt_f", "mgdt"])
+@pytest.mark.parametrize("method", ["mtbc_harmodt_f", "mgdt", "mtiql_harmodt_f"])
 def test_baseline_kill_and_resume_equals_uninterrupted(tmp_path, method):
     common = ["recipe=harmodt", "debug=smoke", f"method={method}", "train.steps=16", "train.checkpoint_every=4",
               "masking.update_every=3", "train.eval_every=8", "train.task_sampling=uniform"]

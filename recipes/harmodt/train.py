@@ -189,9 +189,6 @@ def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig,
     """The recipes' model of ``spec`` for ``dataset`` (timestep embedding long enough for the data's and
     the evaluation's episodes, unless ``model.max_ep_len`` sets it)."""
     max_ep_len = max(int(data_node.get("episode_length", 500)), ev.max_steps)
-    if spec.max_ep_len is not None and spec.max_ep_len < max_ep_len:
-        raise ConfigError(f"model.max_ep_len={spec.max_ep_len}: the timestep embedding needs a row for each of the "
-                          f"{max_ep_len} steps of an episode (data.episode_length, eval.max_steps); or set null")
     return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks), return_max).to(device)
 
 
@@ -369,6 +366,11 @@ def check_model_config(cfg: DictConfig) -> None:
     if cfg.model.prompt and OmegaConf.select(cfg, "data.sampling.prompt_length", default=1) < 1:
         raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
     arch = OmegaConf.select(cfg, "model.arch", default="dt")
+    rows, steps = OmegaConf.select(cfg, "model.max_ep_len"), max(int(cfg.data.get("episode_length", 500)),
+                                                                    int(cfg.eval.max_steps))
+    if rows is not None and rows < steps:
+        raise ConfigError(f"model.max_ep_len={rows}: the timestep embedding needs a row for each of the {steps} "
+                          f"steps of an episode (data.episode_length, eval.max_steps); or set null")
     if arch == "mlp" and cfg.model.prompt:
         raise ConfigError("model.arch=mlp (MTBC's actor) takes no trajectory prompt: set model.prompt=false")
     if arch == "iql" and (cfg.model.prompt or not cfg.model.task_id):

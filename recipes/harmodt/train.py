@@ -136,19 +136,18 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
     """Evaluate ``model`` under ``masks`` (one row per task of ``sampler``): prompts, state statistics and
     reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode).
     ``policy_factory(model, rows, masks, prompts, task_ids=…)``: the grid policy (``GridPolicy``; MGDT's
-    ``ReturnSamplingPolicy``, whose ``on_step`` runs after every step), made afresh for each block of
-    episodes."""
+    ``ReturnSamplingPolicy``, whose ``on_step`` runs after every step), made once per evaluation."""
     tasks = sampler.tasks
     rows = list(range(len(tasks)))
     prompts = eval_prompts(sampler, device) if prompt else None
     was_training = model.training
     model.eval()
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
+    policy = policy_factory(model, rows, None if dense else masks, prompts, task_ids=task_ids)
     report = EvalReport([])
     n = ev.parallel
     for first in range(0, ev.episodes, n):
         episodes = list(range(first, min(first + n, ev.episodes)))
-        policy = policy_factory(model, rows, None if dense else masks, prompts, task_ids=task_ids)
         part = run_grid(policy, [row[:len(episodes)] for row in envs], tasks, [seed_offset + r for r in rows],
                         episodes, seed=ev.seed, state_mean=sampler.state_mean, state_std=sampler.state_std,
                         rtg_target=rtg_target, reward_scale=sampler.config.reward_scale,

@@ -261,6 +261,9 @@ class PromptDTSetup:
         self.iql = iql_settings(cfg, self.returns, self.sampler.config.reward_scale) if self.spec.arch == "iql" else None
         self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id, self.spec.arch, self.spec.return_loss_weight,
                                     self.return_max, self.iql)
+        # the held-out loss: the action MSE of every model (the training loss of dt and mlp; MGDT's actions
+        # under the data's returns-to-go, MTIQL's actor), so eval/heldout_mse compares across methods
+        self.action_loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id)
         self.policy_factory = policy_factory(self.spec, self.ev)
         self.generators = {"tasks": make_generator(cfg.seed, 3)}
         self.rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
@@ -461,7 +464,7 @@ def run(cfg: DictConfig) -> dict | None:
         with evaluation(label, len(tasks), ev) as shown:
             rep = setup.evaluate(masking)
             held_now = {} if held is None else heldout_metrics(
-                tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
+                tasks, heldout_mse(model, setup.action_loss_fn, held, heldout_forwards(masking, initial)))
             shown.result = f"mean success {mean_success(rep):.3f}" + (
                 f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
         return rep, mean_success(rep), held_now

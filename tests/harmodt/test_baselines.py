@@ -145,6 +145,25 @@ def test_mgdt_return_class_never_sees_the_current_return():
         model(states, actions, rtg, t, mask, task=torch.zeros(3, dtype=torch.long))
 
 
+def test_mgdt_loss_is_action_mse_plus_weighted_return_loss():
+    """The recipe's MGDT loss: action MSE over the real steps + return_loss_weight × the
+    return-class loss; the held-out loss (the default arch's loss) is the action MSE alone."""
+    from recipes.harmodt.train import make_loss_fn
+
+    torch.manual_seed(0)
+    model = MultiGameDT(7, 2, d_model=16, n_layer=1, n_head=2, dropout=0.0, max_ep_len=10, return_bins=6,
+                        return_max=1.0).eval()
+    states, actions, rtg, t, mask = segment()
+    mask[:, :2] = False  # left padding
+    batch = {"states": states, "actions": actions, "returns_to_go": rtg, "timesteps": t, "mask": mask}
+    act, logits = model(states, actions, rtg, t, mask, output="both")
+    mse = (act - actions).square().mean(-1)[mask].mean()
+    ce = return_bin_loss(logits, rtg, mask, 1.0)
+    full = make_loss_fn(False, False, "mgdt", return_loss_weight=0.5, return_max=1.0)(model, 0, batch)
+    assert torch.allclose(full, mse + 0.5 * ce)
+    assert torch.allclose(make_loss_fn(False, False)(model, 0, batch), mse)
+
+
 def grid(t_rows=2, n=2, k=4, s=7, a=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(t_rows, n, k, s, generator=g), torch.rand(t_rows, n, k, a, generator=g) * 2 - 1,

@@ -96,3 +96,11 @@ def test_harmodt_overlays_compose(overlay, option):
         assert cfg.train.gradient == {"mtdt_mean": "mean", "pcgrad": "pcgrad", "cagrad": "cagrad"}.get(option, "plain")
     for group in GROUPS:
         build(cfg[group], group, **({"total_steps": 100} if group == "scheduler" else {}))
+
+
+@pytest.mark.parametrize("method,arch", [("mtbc", "mlp"), ("mgdt", "mgdt"), ("mtiql", "iql")])
+def test_baseline_takes_any_masks_from_the_command_line(method, arch):
+    """Masks on a dense baseline by group choice: HarmoDT-R's frozen random masks on its model."""
+    cfg = compose_cfg("recipe=harmodt", f"method={method}", "initializer=random", "scheduler=frozen")
+    assert cfg.model.arch == arch and cfg.method_name == method
+    assert cfg.initializer._target_.endswith("RandomInitializer") and cfg.scheduler.alpha == 0

@@ -258,7 +258,8 @@ class PromptDTSetup:
         # MGDT's binned returns-to-go span [0, the highest episode return], in training units
         self.return_max = max(float(np.max(r)) for r in self.returns) / self.sampler.config.reward_scale
         self.model = build_model(self.spec, self.dataset, cfg.data, self.ev, self.device, self.return_max)
-        self.iql = iql_settings(cfg, self.returns, self.sampler.config.reward_scale) if self.spec.arch == "iql" else None
+        self.iql = (iql_settings(cfg, self.returns, self.sampler.config.reward_scale) if self.spec.arch == "iql"
+                    else None)
         self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id, self.spec.arch, self.spec.return_loss_weight,
                                     self.return_max, self.iql)
         # the held-out loss: the action MSE of every model (the training loss of dt and mlp; MGDT's actions

@@ -83,8 +83,24 @@ def test_harmodt_overlays_compose(overlay, option):
     cfg = compose_cfg("recipe=harmodt", f"{overlay}={option}")
     if overlay == "method":
         assert cfg.method_name == option
-        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad", "ta_mtdt", "ta_mtdt_gating")  # task id, no prompt
-        assert cfg.model.task_id == mtdt and cfg.model.prompt == (not mtdt)
+        arch = {"mtbc": "mlp", "mtbc_harmodt_f": "mlp", "mgdt": "mgdt", "mgdt_harmodt_f": "mgdt", "mtiql": "iql",
+                "mtiql_harmodt_f": "iql"}.get(option, "dt")
+        assert cfg.model.arch == arch
+        # task id, no prompt (MTDT's family, MTBC's and MTIQL's actors); MGDT has neither
+        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad", "ta_mtdt", "ta_mtdt_gating", "mtbc",
+                          "mtbc_harmodt_f", "mtiql", "mtiql_harmodt_f")
+        assert cfg.model.task_id == mtdt and cfg.model.prompt == (not mtdt and arch != "mgdt")
+        dense = option in ("prompt_dt", "mtdt", "mtdt_mean", "pcgrad", "cagrad", "mtbc", "mgdt", "mtiql", "ta_mtdt",
+                           "ta_mtdt_gating", "ta_prompt_dt", "ta_prompt_dt_gating")
+        assert cfg.initializer._target_.endswith("DenseInitializer") == dense, cfg.initializer
         assert cfg.train.gradient == {"mtdt_mean": "mean", "pcgrad": "pcgrad", "cagrad": "cagrad"}.get(option, "plain")
     for group in GROUPS:
         build(cfg[group], group, **({"total_steps": 100} if group == "scheduler" else {}))
+
+
+@pytest.mark.parametrize("method,arch", [("mtbc", "mlp"), ("mgdt", "mgdt"), ("mtiql", "iql")])
+def test_baseline_takes_any_masks_from_the_command_line(method, arch):
+    """Masks on a dense baseline by group choice: HarmoDT-R's frozen random masks on its model."""
+    cfg = compose_cfg("recipe=harmodt", f"method={method}", "initializer=random", "scheduler=frozen")
+    assert cfg.model.arch == arch and cfg.method_name == method
+    assert cfg.initializer._target_.endswith("RandomInitializer") and cfg.scheduler.alpha == 0

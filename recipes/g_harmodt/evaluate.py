@@ -60,6 +60,8 @@ class RoutedPolicy:
                  prompts: tuple | None, task_ids: bool, grid: tuple[int, int], impl: str = "reference"):
         if impl not in POLICY_IMPLS:
             raise ValueError(f"eval.policy_impl={impl!r}: expected one of {', '.join(POLICY_IMPLS)}")
+        if not hasattr(model, "encode_prompt"):
+            impl = "reference"  # only the Prompt-DT has the cached forward
         self.model, self.prompts, self.task_ids, self.impl = model, prompts, task_ids, impl
         self._prefix: dict[tuple[int, int], tuple] = {}  # (parameter key, prompt row) -> encoded prompt
         self.device = next(model.parameters()).device

@@ -113,7 +113,7 @@ class GridPolicy:
     """One forward for a (T, n) grid of envs, each task with its own mask, prompt and task id.
 
     Args:
-        model: a ``PromptDT``.
+        model: a ``PromptDT``, or any model with its forward signature (recipes/harmodt/baselines.py).
         tasks: task index (into ``masks.tasks`` / the prompt rows) of each grid row.
         masks: per-task masks, or ``None`` for a dense model.
         prompt: tuple (states, actions, rtg, timesteps, mask) with leading dim T, or ``None``.
@@ -124,12 +124,15 @@ class GridPolicy:
             output is computed in the last block; vmapped over the task masks. ``cached_loop``: the
             same, with a loop of per-task forwards in place of the vmap. All three compute the same
             function; the cached ones differ from the reference by float rounding (~1e-7 here).
+            Models without ``encode_prompt`` (the baselines) always run the reference forward.
     """
 
     def __init__(self, model: torch.nn.Module, tasks: Sequence[int], masks: MaskSet | None = None,
                  prompt: tuple | None = None, task_ids: bool = False, impl: str = "reference"):
         if impl not in POLICY_IMPLS:
             raise ValueError(f"eval.policy_impl={impl!r}: expected one of {', '.join(POLICY_IMPLS)}")
+        if not hasattr(model, "encode_prompt"):
+            impl = "reference"  # only the Prompt-DT has the cached forward (the baselines: their own)
         self.device = next(model.parameters()).device  # inputs arrive on the CPU (numpy) and move here
         self.model, self.masks, self.task_ids, self.impl = model, masks, task_ids, impl
         self.prompt = None if prompt is None else tuple(p.to(self.device) for p in prompt)
@@ -160,27 +163,34 @@ class GridPolicy:
             return tuple(torch.stack(x) for x in zip(*outs))
         return vmap(one)(self.stacked, rows)
 
-    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt, prefix=None, fused=False):
-        # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …); prefix: its encoded prompt (batch 1)
-        n = states.shape[0]
+    def _kwargs(self, n: int, prompt, prefix, extra: dict, fused: bool = False) -> dict:
+        """The model's keyword arguments for n envs: the prompt, or its encoded prefix (batch 1,
+        expanded to n) and the last step only for the cached implementations."""
         kwargs = {"prompt": prompt}
         if prefix is not None:
             keys, values, keep = prefix
             kwargs = {"prefix": (keys.expand(-1, n, -1, -1, -1), values.expand(-1, n, -1, -1, -1),
-                                 keep.expand(n, -1)), "last": True}
-        elif self.impl != "reference":
+                                 keep.expand(n, -1))}
+        if self.impl != "reference":
             kwargs["last"] = True
-        if fused:
-            kwargs["fused_attention"] = True
+            if fused:
+                kwargs["fused_attention"] = True
+        return kwargs | extra
+
+    def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt, prefix, extra, fused=False):
+        # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …); prefix: its encoded prompt (batch 1)
+        n = states.shape[0]
+        kwargs = self._kwargs(n, prompt, prefix, extra, fused)
         if self.task_ids:
             kwargs["task"] = task.expand(n)
         if params is None:
             return self.model(states, actions, rtg, timesteps, mask, **kwargs)
         return functional_call(self.model, params, (states, actions, rtg, timesteps, mask), kwargs)
 
-    @torch.inference_mode()
-    def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
-        """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+    def forward(self, states, actions, rtg, timesteps, mask, **extra):
+        """Inputs (T, n, K, ·); returns the model's output for every step, (T, n, K, ·), or for the
+        last step only, (T, n, 1, ·), with the cached implementations. ``extra``: more keyword
+        arguments of the model's forward."""
         states, actions, rtg, timesteps, mask = (x.to(self.device, non_blocking=True)
                                                  for x in (states, actions, rtg, timesteps, mask))
         t, n = states.shape[:2]
@@ -189,31 +199,36 @@ class GridPolicy:
             prompt = tuple(p[:, None].expand(-1, n, *p.shape[1:]) for p in self.prompt)  # (T, n, K*, ·)
         if self.stacked is None:  # dense: the grid is one batch
             flat = lambda x: x.reshape(t * n, *x.shape[2:])  # noqa: E731
-            kwargs = {"prompt": tuple(flat(p) for p in prompt) if prompt is not None else None}
-            if self.impl != "reference":
-                kwargs["last"] = True
-            if self.prefix is not None:
-                keys, values, keep = self.prefix  # (T, n_layer, 1, nh, L, hs) ... -> (n_layer, T·n, nh, L, hs)
+            prefix = None
+            if self.prefix is not None:  # (T, n_layer, 1, nh, L, hs) ... -> (n_layer, 1, T·n, nh, L, hs) ...
+                keys, values, keep = self.prefix
                 grid = lambda x: x.expand(-1, -1, n, *x.shape[3:]).transpose(0, 1).reshape(  # noqa: E731
                     x.shape[1], t * n, *x.shape[3:])
-                kwargs = {"prefix": (grid(keys), grid(values), keep.expand(-1, n, -1).reshape(t * n, -1)),
-                          "last": True}
+                prefix = (grid(keys), grid(values), keep.expand(-1, n, -1).reshape(t * n, -1))
+            kwargs = self._kwargs(t * n, tuple(flat(p) for p in prompt) if prompt is not None else None, None, extra)
+            if prefix is not None:
+                kwargs["prefix"] = prefix
+                del kwargs["prompt"]
             if self.task_ids:
                 kwargs["task"] = self.tasks.repeat_interleave(n)
             out = self.model(flat(states), flat(actions), flat(rtg), flat(timesteps), flat(mask), **kwargs)
-            return out.reshape(t, n, *out.shape[1:])[:, :, -1]
+            return out.reshape(t, n, *out.shape[1:])
         if self.impl == "cached_loop":
-            outs = []
-            for i in range(t):
-                params = {name: v[i] for name, v in self.stacked.items()}
-                pre = None if self.prefix is None else tuple(x[i] for x in self.prefix)
-                outs.append(self._one(params, self.tasks[i], states[i], actions[i], rtg[i], timesteps[i], mask[i],
-                                      None if prompt is None else tuple(p[i] for p in prompt), pre, fused=True))
-            return torch.stack(outs)[:, :, -1]
+            return torch.stack([self._one({name: v[i] for name, v in self.stacked.items()}, self.tasks[i], states[i],
+                                          actions[i], rtg[i], timesteps[i], mask[i],
+                                          None if prompt is None else tuple(p[i] for p in prompt),
+                                          None if self.prefix is None else tuple(x[i] for x in self.prefix),
+                                          extra, fused=True) for i in range(t)])
+        one = lambda *a: self._one(*a, extra)  # noqa: E731
+        # no prompt (MTDT, MTBC, MGDT) or no prefix: nothing to map over
         in_dims = (0,) * 7 + (None if prompt is None else 0, None if self.prefix is None else 0)
-        out = vmap(self._one, in_dims=in_dims)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask,
-                                               prompt, self.prefix)
-        return out[:, :, -1]  # (T, n, A)
+        return vmap(one, in_dims=in_dims)(self.stacked, self.tasks, states, actions, rtg, timesteps, mask, prompt,
+                                          self.prefix)
+
+    @torch.inference_mode()
+    def __call__(self, states, actions, rtg, timesteps, mask) -> torch.Tensor:
+        """Inputs (T, n, K, ·); returns the action for the last step, (T, n, A)."""
+        return self.forward(states, actions, rtg, timesteps, mask)[:, :, -1]
 
 
 @dataclass

@@ -24,9 +24,18 @@ import torch
 from torch import nn
 
 
+ARCHS = ("dt", "mlp", "mgdt", "iql")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """The ``model.*`` keys: sizes, and what conditions the policy (a prompt, a task-id embedding)."""
+    """The ``model.*`` keys: the architecture, its sizes, and what conditions the policy (a prompt,
+    a task id). ``arch``: ``dt`` (Prompt-DT / MTDT / HarmoDT), ``mlp`` (MTBC's task-id MLP actor,
+    ``mlp_width`` × ``mlp_depth``), ``iql`` (MTIQL: that actor and multi-head critics of the same
+    sizes) or ``mgdt`` (multi-game DT, ``return_bins`` classes of the
+    return-to-go, ``return_loss_weight`` on their loss, ``expert_kappa`` at inference).
+    ``max_ep_len``: rows of the timestep embedding (``None``: the data's and the evaluation's
+    episode length)."""
 
     d_model: int
     n_layer: int
@@ -34,14 +43,40 @@ class ModelSpec:
     dropout: float
     prompt: bool
     task_id: bool
+    arch: str = "dt"
+    max_ep_len: int | None = None
+    mlp_width: int = 256
+    mlp_depth: int = 3
+    return_bins: int = 60
+    return_loss_weight: float = 1.0
+    expert_kappa: float = 10.0
 
     @classmethod
     def from_config(cls, m) -> "ModelSpec":
+        get = m.get
         return cls(d_model=int(m.d_model), n_layer=int(m.n_layer), n_head=int(m.n_head), dropout=float(m.dropout),
-                   prompt=bool(m.prompt), task_id=bool(m.task_id))
+                   prompt=bool(m.prompt), task_id=bool(m.task_id), arch=str(get("arch", "dt")),
+                   max_ep_len=None if get("max_ep_len") is None else int(get("max_ep_len")),
+                   mlp_width=int(get("mlp_width", 256)), mlp_depth=int(get("mlp_depth", 3)),
+                   return_bins=int(get("return_bins", 60)), return_loss_weight=float(get("return_loss_weight", 1.0)),
+                   expert_kappa=float(get("expert_kappa", 10.0)))
 
-    def build(self, obs_dim: int, act_dim: int, max_ep_len: int, n_tasks: int) -> "PromptDT":
-        """The Prompt-DT of these sizes (a task embedding of ``n_tasks`` rows when ``task_id``)."""
+    def build(self, obs_dim: int, act_dim: int, max_ep_len: int, n_tasks: int, return_max: float = 1.0) -> nn.Module:
+        """The model of these sizes (a task embedding of ``n_tasks`` rows when ``task_id``);
+        ``max_ep_len`` unless the spec sets its own; ``return_max``: MGDT's binned return range."""
+        from recipes.harmodt import baselines
+
+        max_ep_len = self.max_ep_len or max_ep_len
+        if self.arch == "mlp":
+            return baselines.MLPActor(obs_dim, act_dim, width=self.mlp_width, depth=self.mlp_depth,
+                                      n_tasks=n_tasks if self.task_id else 0, dropout=self.dropout)
+        if self.arch == "iql":
+            return baselines.IQLAgent(obs_dim, act_dim, n_tasks, width=self.mlp_width, depth=self.mlp_depth,
+                                      dropout=self.dropout)
+        if self.arch == "mgdt":
+            return baselines.MultiGameDT(obs_dim, act_dim, d_model=self.d_model, n_layer=self.n_layer,
+                                         n_head=self.n_head, dropout=self.dropout, max_ep_len=max_ep_len,
+                                         return_bins=self.return_bins, return_max=return_max)
         return PromptDT(obs_dim, act_dim, d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head,
                         dropout=self.dropout, use_prompt=self.prompt, max_ep_len=max_ep_len,
                         n_tasks=n_tasks if self.task_id else 0)
@@ -104,21 +139,41 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class TokenEmbedding(nn.Module):
-    """(R, s, a, t) of K steps -> 3K interleaved tokens (B, 3K, d)."""
+def attention_allowed(keep: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) bool from ``keep`` (B, L), False for padding: causal, padding keys never attended,
+    and a padding query still sees itself (no all -inf rows)."""
+    n = keep.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
+    return (causal & keep[:, None, :]) | torch.eye(n, dtype=torch.bool, device=keep.device)
 
-    def __init__(self, state_dim: int, act_dim: int, d_model: int, max_ep_len: int):
+
+def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The causal transformer over tokens ``h`` (B, L, d); ``keep`` (B, L) bool: False for padding."""
+    allowed = attention_allowed(keep)
+    for block in blocks:
+        h = block(h, allowed[:, None])
+    return h
+
+
+class TokenEmbedding(nn.Module):
+    """(R, s, a, t) of K steps -> 3K interleaved tokens (B, 3K, d), in the order R_1 s_1 a_1 R_2 ...
+    (``state_first``: s_1 R_1 a_1 s_2 ..., the multi-game DT's order)."""
+
+    def __init__(self, state_dim: int, act_dim: int, d_model: int, max_ep_len: int, state_first: bool = False):
         super().__init__()
         self.timestep = nn.Embedding(max_ep_len, d_model)
         self.ret = nn.Linear(1, d_model)
         self.state = nn.Linear(state_dim, d_model)
         self.action = nn.Linear(act_dim, d_model)
+        self.state_first = state_first
 
     def forward(self, states, actions, rtg, timesteps) -> torch.Tensor:
         # states (B, K, S), actions (B, K, A), rtg (B, K, 1), timesteps (B, K) long
         time = self.timestep(timesteps)  # (B, K, d)
-        tokens = torch.stack([self.ret(rtg) + time, self.state(states) + time, self.action(actions) + time], dim=2)
-        return tokens.reshape(states.shape[0], 3 * states.shape[1], -1)  # (B, 3K, d): R_1 s_1 a_1 R_2 ...
+        r, s = self.ret(rtg) + time, self.state(states) + time
+        tokens = torch.stack([s, r] if self.state_first else [r, s], dim=2)
+        tokens = torch.cat([tokens, (self.action(actions) + time)[:, :, None]], dim=2)  # (B, K, 3, d)
+        return tokens.reshape(states.shape[0], 3 * states.shape[1], -1)  # (B, 3K, d)
 
 
 class PromptDT(nn.Module):
@@ -162,8 +217,7 @@ class PromptDT(nn.Module):
             raise ValueError("this model has no trajectory prompt (model.prompt=false): nothing to encode")
         p_states, p_actions, p_rtg, p_t, p_mask = prompt
         keep = p_mask.repeat_interleave(3, dim=1)  # (B, 3K*)
-        n = keep.shape[1]
-        allowed = self._allowed(torch.ones(n, n, dtype=torch.bool, device=keep.device).tril(), keep)
+        allowed = attention_allowed(keep)
         h = self.drop(self.embed_ln(self.prompt_embed(p_states, p_actions, p_rtg, p_t)))
         keys, values = [], []
         for i, block in enumerate(self.blocks):
@@ -173,13 +227,6 @@ class PromptDT(nn.Module):
             if i + 1 < len(self.blocks):  # the last block's prompt outputs are never read
                 h = block(h, allowed[:, None])
         return torch.stack(keys), torch.stack(values), keep
-
-    @staticmethod
-    def _allowed(causal: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(B, L, L): causal, padding keys never attended; a padding query still sees itself (no all
-        -inf rows)."""
-        n = keep.shape[1]
-        return (causal & keep[:, None, :]) | torch.eye(n, dtype=torch.bool, device=keep.device)
 
     def forward(self, states, actions, rtg, timesteps, mask, prompt=None, task=None, prefix=None,
                 last: bool = False, fused_attention: bool = False) -> torch.Tensor:
@@ -213,7 +260,7 @@ class PromptDT(nn.Module):
             x = torch.cat([self.prompt_embed(p_states, p_actions, p_rtg, p_t), x], dim=1)  # (B, 3K*+3K, d)
             keep = torch.cat([p_mask.repeat_interleave(3, dim=1), keep], dim=1)
         n = x.shape[1]
-        allowed = self._allowed(torch.ones(n, n, dtype=torch.bool, device=x.device).tril(), keep)  # (B, L, L)
+        allowed = attention_allowed(keep)  # (B, L, L)
         if self.prompt_embed is not None and prefix is not None:
             p_keys, p_values, p_keep = prefix  # the prompt's tokens come first: every query may see them
             allowed = torch.cat([p_keep[:, None, :].expand(b, n, p_keep.shape[1]), allowed], dim=2)

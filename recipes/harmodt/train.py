@@ -5,6 +5,10 @@
     python tools/run.py recipe=harmodt method=mtdt              # task-id embedding, no prompt, dense
     python tools/run.py recipe=harmodt method=harmodt_r         # frozen random masks
     python tools/run.py recipe=harmodt method=pcgrad            # MTDT, every task each step, PCGrad (or cagrad)
+    python tools/run.py recipe=harmodt method=mtbc              # behaviour cloning, task-id MLP actor (dense)
+    python tools/run.py recipe=harmodt method=mtbc_harmodt_f    # the same actor with HarmoDT-F's per-task masks
+    python tools/run.py recipe=harmodt method=mgdt              # multi-game DT: no prompt/id, returns predicted
+    python tools/run.py recipe=harmodt method=mtiql             # IQL, one critic head per task, task-id actor
     python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
     python tools/run.py recipe=harmodt data=ml45_tiny           # train on ML45's 45 tasks, then evaluate the
                                                                 # voting mask on its 5 unseen tasks
@@ -23,7 +27,7 @@ from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_
 from recipes.common import evaluation, make_generator, multi_task_step, print_table
 from recipes.harmodt.evaluate import (HELDOUT_BATCH, POLICY_IMPLS, EvalReport, EvalSpec, GridPolicy, heldout_batches,
                                       heldout_mse, run_grid)
-from recipes.harmodt.model import ModelSpec, PromptDT
+from recipes.harmodt.model import ARCHS, ModelSpec, PromptDT
 from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
 from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
                                          smoke_data_overrides, unseen_tasks)
@@ -44,14 +48,30 @@ def eval_prompts(sampler: SegmentSampler, device) -> tuple:
     return prompt_of(sampler.prompt(np.arange(len(sampler.tasks))).to_torch(device))
 
 
-def make_loss_fn(use_prompt: bool, task_id: bool):
+def make_loss_fn(use_prompt: bool, task_id: bool, arch: str = "dt", return_loss_weight: float = 1.0,
+                 return_max: float = 1.0, iql: dict | None = None):
+    """The training loss of ``model.arch``: the action MSE over the real (unpadded) steps of the
+    segments (dt, mlp); for mgdt, plus ``return_loss_weight`` × the cross-entropy of the binned
+    return-to-go (``baselines.return_bin_loss``); for iql, MTIQL's value, Q and advantage-weighted
+    actor losses (``baselines.iql_loss``, the ``iql.*`` keys in ``iql``)."""
+    from recipes.harmodt.baselines import iql_loss, return_bin_loss
+
     def loss_fn(forward, task: int, batch: dict) -> torch.Tensor:
-        """MSE of predicted actions over the real (unpadded) steps of the segments."""
         prompt = prompt_of(batch) if use_prompt else None
-        pred = forward(batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"],
-                       prompt=prompt, task=batch["task"] if task_id else None)  # (B, K, A)
+        args = (batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
+        kwargs = {"prompt": prompt, "task": batch["task"] if task_id else None}
+        if arch == "iql":
+            return iql_loss(forward(*args, **kwargs, output="iql"), batch, **iql)
+        if arch == "mgdt":
+            pred, logits = forward(*args, **kwargs, output="both")
+        else:
+            pred = forward(*args, **kwargs)  # (B, K, A)
         err = (pred - batch["actions"]).square().mean(-1)  # (B, K)
-        return err[batch["mask"]].mean()
+        loss = err[batch["mask"]].mean()
+        if arch == "mgdt":
+            loss = loss + return_loss_weight * return_bin_loss(logits, batch["returns_to_go"], batch["mask"],
+                                                               return_max)
+        return loss
     return loss_fn
 
 
@@ -75,6 +95,9 @@ def export_setup(cfg: DictConfig, state: dict) -> tuple[torch.nn.Module, dict, d
     data is loaded), synthetic example inputs of the right shapes, and the config that builds the
     same full model again."""
     m = dict(cfg.model)
+    if m.get("arch", "dt") != "dt":
+        raise ConfigError(f"model.arch={m['arch']}: export removes pruned heads and units of the decision "
+                          f"transformer (model.arch=dt) only")
     d_model, state_dim = state["embed.state.weight"].shape
     model_config = {"state_dim": int(state_dim), "act_dim": int(state["embed.action.weight"].shape[1]),
                     "d_model": int(d_model), "n_layer": int(m["n_layer"]), "n_head": int(m["n_head"]),
@@ -109,16 +132,18 @@ def segment_batches(sampler: SegmentSampler, batch_size: int, grad_batches: int,
 
 
 def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_target: np.ndarray, envs: list[list], *,
-         prompt: bool, task_ids: bool, device, seed_offset: int = 0) -> EvalReport:
+         prompt: bool, task_ids: bool, device, seed_offset: int = 0, policy_factory=GridPolicy) -> EvalReport:
     """Evaluate ``model`` under ``masks`` (one row per task of ``sampler``): prompts, state statistics and
-    reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode)."""
+    reward scale from ``sampler``; episode seeds from (eval seed, ``seed_offset`` + task row, episode).
+    ``policy_factory(model, rows, masks, prompts, task_ids=…, impl=…)``: the grid policy (``GridPolicy``; MGDT's
+    ``ReturnSamplingPolicy``, whose ``on_step`` runs after every step), made once per evaluation."""
     tasks = sampler.tasks
     rows = list(range(len(tasks)))
     prompts = eval_prompts(sampler, device) if prompt else None
     was_training = model.training
     model.eval()
     dense = bool((masks.density() == 1.0).all())  # all-ones masks: one plain batch, no vmap
-    policy = GridPolicy(model, rows, None if dense else masks, prompts, task_ids=task_ids, impl=ev.policy_impl)
+    policy = policy_factory(model, rows, None if dense else masks, prompts, task_ids=task_ids, impl=ev.policy_impl)
     report = EvalReport([])
     n = ev.parallel
     for first in range(0, ev.episodes, n):
@@ -127,7 +152,7 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
                         episodes, seed=ev.seed, state_mean=sampler.state_mean, state_std=sampler.state_std,
                         rtg_target=rtg_target, reward_scale=sampler.config.reward_scale,
                         context=sampler.config.context, max_steps=ev.max_steps,
-                        stop_on_success=ev.stop_on_success)
+                        stop_on_success=ev.stop_on_success, on_step=getattr(policy, "on_step", None))
         report.episodes += part.episodes
         report.policy_s += part.policy_s
         report.sim_s += part.sim_s
@@ -144,7 +169,7 @@ def make_envs(tasks: list[str], ev: EvalSpec) -> list[list]:
 
 
 def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, sampling: SamplingConfig,
-                    n_train_tasks: int, device, *, prompt: bool) -> tuple[EvalReport, float]:
+                    n_train_tasks: int, device, *, prompt: bool, policy_factory=GridPolicy) -> tuple[EvalReport, float]:
     """Spec §6: the tasks of ``demos`` were never trained on. Every one of them acts with the voting
     mask of the training tasks' masks (all ones for dense methods). Its prompt, per-task state
     statistics and return-to-go target come from its prompt demonstrations alone. Returns the report
@@ -154,15 +179,63 @@ def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, 
     sampler = SegmentSampler(OfflineDataset(list(demos.tasks), dict(demos.data), demos), sampling)
     rtg = np.array([np.quantile(demos[t].episode_returns(), ev.rtg_quantile) for t in demos.tasks])
     report = play(ev, model, unseen, sampler, rtg, make_envs(list(demos.tasks), ev), prompt=prompt, task_ids=False,
-                  device=device, seed_offset=n_train_tasks)
+                  device=device, seed_offset=n_train_tasks, policy_factory=policy_factory)
     return report, float(unseen.density().mean())
 
 
-def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig, ev: EvalSpec, device) -> PromptDT:
-    """The recipes' Prompt-DT for ``dataset`` (timestep embedding long enough for the data's and the
-    evaluation's episodes)."""
+def build_model(spec: ModelSpec, dataset: OfflineDataset, data_node: DictConfig, ev: EvalSpec, device,
+                return_max: float = 1.0) -> torch.nn.Module:
+    """The recipes' model of ``spec`` for ``dataset`` (timestep embedding long enough for the data's and
+    the evaluation's episodes, unless ``model.max_ep_len`` sets it)."""
     max_ep_len = max(int(data_node.get("episode_length", 500)), ev.max_steps)
-    return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks)).to(device)
+    return spec.build(dataset.obs_dim, dataset.act_dim, max_ep_len, len(dataset.tasks), return_max).to(device)
+
+
+def policy_factory(spec: ModelSpec, ev: EvalSpec):
+    """The grid policy of ``spec.arch``: MGDT draws its return-to-go (seeded by the evaluation's
+    seed), every other model acts on the given one."""
+    if spec.arch != "mgdt":
+        return GridPolicy
+    from recipes.harmodt.baselines import ReturnSamplingPolicy
+
+    def make(model, rows, masks, prompts, task_ids=False, impl="reference"):
+        # eval.policy_impl is the Prompt-DT's; MGDT's forward has no cached path (GridPolicy runs its reference)
+        return ReturnSamplingPolicy(model, rows, masks, prompts, task_ids, kappa=spec.expert_kappa, seed=ev.seed)
+    return make
+
+
+IQL_KEYS = [
+    ("iql.tau", is_number(0, 1, lo_open=True, hi_open=True), "a number in (0, 1) (the expectile of the value)"),
+    ("iql.beta", is_number(0), "a number >= 0 (inverse temperature of the advantage weights)"),
+    ("iql.gamma", is_number(0, 1, hi_open=True), "a number in [0, 1) (discount)"),
+    ("iql.max_weight", is_number(0, lo_open=True), "a number > 0 (the advantage weights' clip)"),
+    ("iql.target_rate", is_number(0, 1, lo_open=True), "a number in (0, 1] (the target critics' EMA rate per step)"),
+    ("iql.reward_norm", is_bool, "true or false (rewards x 1000 / each task's return range, as IQL's)"),
+]
+
+
+def iql_settings(cfg: DictConfig, returns: list[np.ndarray], reward_scale: float) -> dict:
+    """The MTIQL loss's keyword arguments from ``iql.*`` (``target_rate`` is the step hook's). With
+    ``iql.reward_norm``, each task's rewards are scaled as IQL scales a Gym-MuJoCo dataset's, to
+    1000 / (its highest − its lowest episode return) in raw units (``returns``: each task's episode
+    returns); a task whose returns are all equal keeps raw units."""
+    node = OmegaConf.to_container(cfg.iql, resolve=True)
+    out = {k: float(node[k]) for k in ("tau", "beta", "gamma", "max_weight")}
+    if node["reward_norm"]:
+        spread = np.array([float(np.ptp(r)) for r in returns])
+        raw = reward_scale * np.where(spread > 0, 1000.0 / np.where(spread > 0, spread, 1.0), 1.0)
+        out["reward_mult"] = torch.tensor(raw, dtype=torch.float32)
+    return out
+
+
+def parameter_line(model: torch.nn.Module, cfg: DictConfig) -> str:
+    """The model's parameter count, beside the journal's Table VI count when the profile names one."""
+    n = sum(p.numel() for p in model.parameters())
+    ref = OmegaConf.select(cfg, "model.table_params_m", default=None)
+    line = f"model: {type(model).__name__}, {n / 1e6:.3f} M parameters"
+    if ref is not None:
+        line += f" (journal Table VI: {float(ref):.2f} M, {100 * (n / 1e6 / float(ref) - 1):+.1f} %)"
+    return line
 
 
 class PromptDTSetup:
@@ -183,8 +256,17 @@ class PromptDTSetup:
             check_data(self.dataset)
         self.returns = [self.dataset[t].episode_returns() for t in self.tasks]
         self.rtg_target = np.array([np.quantile(r, self.ev.rtg_quantile) for r in self.returns])
-        self.model = build_model(self.spec, self.dataset, cfg.data, self.ev, self.device)
-        self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id)
+        # MGDT's binned returns-to-go span [0, the highest episode return], in training units
+        self.return_max = max(float(np.max(r)) for r in self.returns) / self.sampler.config.reward_scale
+        self.model = build_model(self.spec, self.dataset, cfg.data, self.ev, self.device, self.return_max)
+        self.iql = (iql_settings(cfg, self.returns, self.sampler.config.reward_scale) if self.spec.arch == "iql"
+                    else None)
+        self.loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id, self.spec.arch, self.spec.return_loss_weight,
+                                    self.return_max, self.iql)
+        # the held-out loss: the action MSE of every model (the training loss of dt and mlp; MGDT's actions
+        # under the data's returns-to-go, MTIQL's actor), so eval/heldout_mse compares across methods
+        self.action_loss_fn = make_loss_fn(self.spec.prompt, self.spec.task_id)
+        self.policy_factory = policy_factory(self.spec, self.ev)
         self.generators = {"tasks": make_generator(cfg.seed, 3)}
         self.rngs = {"data": np.random.default_rng([cfg.seed, 2]), "scores": np.random.default_rng([cfg.seed, 4])}
         batch_for, self.score_batches = segment_batches(self.sampler, self.train.batch_size, cfg.masking.grad_batches,
@@ -198,7 +280,8 @@ class PromptDTSetup:
     def evaluate(self, masking: Masking) -> EvalReport:
         self.envs = self.envs or make_envs(self.tasks, self.ev)
         return play(self.ev, self.model, masking.masks, self.sampler, self.rtg_target, self.envs,
-                    prompt=self.spec.prompt, task_ids=self.spec.task_id, device=self.device)
+                    prompt=self.spec.prompt, task_ids=self.spec.task_id, device=self.device,
+                    policy_factory=self.policy_factory)
 
 
 def mean_success(report: EvalReport) -> float:
@@ -255,6 +338,16 @@ MODEL_KEYS = [
     ("model.dropout", is_number(0, 1, hi_open=True), "a number in [0, 1)"),
     ("model.prompt", is_bool, "true or false"),
     ("model.task_id", is_bool, "true or false"),
+    ("model.arch", lambda v: v in ARCHS, f"one of {', '.join(ARCHS)} (decision transformer, MTBC's MLP actor, "
+                                         f"multi-game DT)"),
+    ("model.max_ep_len", lambda v: v is None or is_int(1)(v), "null (the episode length) or an integer >= 1"),
+    ("model.mlp_width", is_int(1), "an integer >= 1 (hidden units of the MLP actor)"),
+    ("model.mlp_depth", is_int(1), "an integer >= 1 (hidden layers of the MLP actor)"),
+    ("model.return_bins", is_int(2), "an integer >= 2 (MGDT's return-to-go classes)"),
+    ("model.return_loss_weight", is_number(0), "a number >= 0 (MGDT: weight of the return-class loss)"),
+    ("model.expert_kappa", is_number(0), "a number >= 0 (MGDT: the expert tilt exp(kappa R / R_max))"),
+    ("model.table_params_m", lambda v: v is None or is_number(0, lo_open=True)(v),
+     "null or the journal's parameter count in millions (printed beside the model's)"),
     ("eval.episodes", is_int(1), "an integer >= 1 (episodes per task)"),
     ("eval.parallel", is_int(1), "an integer >= 1 (episodes of a task stepped together)"),
     ("eval.max_steps", is_int(1, 500), "an integer in 1..500 (Meta-World episodes end at 500)"),
@@ -277,6 +370,20 @@ def check_model_config(cfg: DictConfig) -> None:
     check_data_config(cfg.data)
     if cfg.model.prompt and OmegaConf.select(cfg, "data.sampling.prompt_length", default=1) < 1:
         raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
+    arch = OmegaConf.select(cfg, "model.arch", default="dt")
+    rows, steps = OmegaConf.select(cfg, "model.max_ep_len"), max(int(cfg.data.get("episode_length", 500)),
+                                                                    int(cfg.eval.max_steps))
+    if rows is not None and rows < steps:
+        raise ConfigError(f"model.max_ep_len={rows}: the timestep embedding needs a row for each of the {steps} "
+                          f"steps of an episode (data.episode_length, eval.max_steps); or set null")
+    if arch == "mlp" and cfg.model.prompt:
+        raise ConfigError("model.arch=mlp (MTBC's actor) takes no trajectory prompt: set model.prompt=false")
+    if arch == "iql" and (cfg.model.prompt or not cfg.model.task_id):
+        raise ConfigError("model.arch=iql (MTIQL) has a task-id actor and no prompt: set model.prompt=false and "
+                          "model.task_id=true")
+    if arch == "mgdt" and (cfg.model.prompt or cfg.model.task_id):
+        raise ConfigError("model.arch=mgdt (multi-game DT) is conditioned on neither a prompt nor a task id: set "
+                          "model.prompt=false and model.task_id=false")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -284,9 +391,9 @@ def check_config(cfg: DictConfig) -> None:
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
                           f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f, "
-                          f"harmodt_random")
+                          f"harmodt_random, mtbc, mtbc_harmodt_f, mgdt, mgdt_harmodt_f, mtiql, mtiql_harmodt_f")
     check_model_config(cfg)
-    check_keys(cfg, HELDOUT_KEYS)
+    check_keys(cfg, HELDOUT_KEYS + IQL_KEYS)
     heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
     sampling = OmegaConf.select(cfg, "data.sampling.heldout_episodes", default=SamplingConfig.heldout_episodes)
     if heldout and sampling == 0 and int(OmegaConf.select(cfg, "data.prompt_demos", default=0) or 0) < 1:
@@ -328,7 +435,7 @@ def unseen_summary(setup: PromptDTSetup, masks: MaskSet, demos: OfflineDataset) 
     ev = setup.ev
     with evaluation("evaluation of the unseen tasks", len(demos.tasks), ev):
         rep, density = evaluate_unseen(ev, setup.model, masks, demos, setup.sampler.config, len(setup.tasks),
-                                       setup.device, prompt=setup.spec.prompt)
+                                       setup.device, prompt=setup.spec.prompt, policy_factory=setup.policy_factory)
     result = {"tasks": list(demos.tasks), "voting_threshold": float(ev.voting_threshold), "voting_density": density,
               "per_task": rep.per_task, "mean_success": mean_success(rep),
               "episodes": [e.__dict__ for e in rep.episodes]}
@@ -349,6 +456,7 @@ def run(cfg: DictConfig) -> dict | None:
     held = heldout_batches(setup.sampler, ev.heldout_batches, ctx.device) if ev.heldout_batches else None
     multi = multi_task_step(train, cfg.seed, model, masking, len(tasks))  # None unless train.gradient=mean|pcgrad|cagrad
     report_masking(model, masking)
+    print(parameter_line(model, cfg))
     if ctx.dry_run:
         return None
     initial = None  # the initial masks' model, after the restore
@@ -359,7 +467,7 @@ def run(cfg: DictConfig) -> dict | None:
         with evaluation(label, len(tasks), ev) as shown:
             rep = setup.evaluate(masking)
             held_now = {} if held is None else heldout_metrics(
-                tasks, heldout_mse(model, loss_fn, held, heldout_forwards(masking, initial)))
+                tasks, heldout_mse(model, setup.action_loss_fn, held, heldout_forwards(masking, initial)))
             shown.result = f"mean success {mean_success(rep):.3f}" + (
                 f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
         return rep, mean_success(rep), held_now
@@ -370,8 +478,13 @@ def run(cfg: DictConfig) -> dict | None:
                    | {"eval/mean_success": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
         return Evaluation(metrics, mean, rep.per_task)
 
+    on_step = None
+    if setup.spec.arch == "iql":  # MTIQL: the target critics follow the critics after every step
+        rate = float(cfg.iql.target_rate)
+        on_step = lambda step, metrics: model.update_targets(rate)  # noqa: E731
     loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn, batch_for=setup.batch_for,
                      score_batches=setup.score_batches, numpy_rngs=setup.rngs, multi=multi, evaluate=evaluate_at,
+                     on_step=on_step,
                      generators=setup.generators | (multi.generators if multi else {}))
     loop.restore()
     initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after the restore

@@ -127,3 +127,36 @@ def test_fused_attention_and_prompt_encoding_refuse_what_they_cannot_do():
         model.train()(*x, fused_attention=True)  # no dropout in the fused path
     with pytest.raises(ValueError, match="no trajectory prompt"):
         model.encode_prompt(None)
+
+
+TABLE_VI = {"size_1_2": (1, 2, 0.48), "size_3_4": (3, 4, 0.87), "size_6_8": (6, 8, 1.47), "size_9_16": (9, 16, 2.06)}
+
+
+@pytest.mark.parametrize("profile", sorted(TABLE_VI))
+def test_table_vi_profiles_have_the_journals_parameter_counts(profile):
+    """profile=size_L_H: the journal's Table VI model (L layers, H heads) on the paper profile. The
+    Prompt-DT (HarmoDT-F) built from it on Meta-World (39-d states, 4-d actions) has the table's
+    parameter count within 3 % (the table rounds, and its exact embedding sizes are not given);
+    the recipe prints both counts."""
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+
+    from recipes.harmodt.model import ModelSpec
+    from recipes.harmodt.train import parameter_line
+
+    layers, heads, millions = TABLE_VI[profile]
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["recipe=harmodt", f"profile={profile}"])
+        mtdt = compose(config_name="config", overrides=["recipe=harmodt", f"profile={profile}", "method=mtdt"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.table_params_m) == (layers, heads, millions)
+    assert cfg.train.steps == 1_000_000 and cfg.eval.episodes == 50  # the paper profile underneath
+    model = ModelSpec.from_config(cfg.model).build(39, 4, 500, 50)
+    n = sum(p.numel() for p in model.parameters())
+    assert model.embed.timestep.num_embeddings == 1000 and len(model.blocks) == layers
+    assert abs(n / 1e6 / millions - 1) < 0.03, n
+    line = parameter_line(model, cfg)
+    assert f"{n / 1e6:.3f} M parameters" in line and f"Table VI: {millions:.2f} M" in line
+    # MTDT at the same size: no prompt embedding, a 50-row task embedding -> fewer parameters
+    n_mtdt = sum(p.numel() for p in ModelSpec.from_config(mtdt.model).build(39, 4, 500, 50).parameters())
+    assert n - n_mtdt == 1000 * 128 + 128 * (1 + 39 + 4) + 3 * 128 - 50 * 128

@@ -71,6 +71,13 @@ def test_unseen_tasks_are_evaluated_with_the_voting_mask(tmp_path):
     (["data.unseen_tasks=[dial-turn-v3]"], "are training tasks too"),
     (["data=ml45_tiny", "eval.voting_threshold=0"], "eval.voting_threshold=0"),
     (["method=ta_harmodt_gating"], "belongs to recipe=g_harmodt"),
+    (["model.arch=rnn"], "model.arch='rnn': expected one of dt, mlp, mgdt, iql"),
+    (["method=mtbc", "model.prompt=true"], "model.arch=mlp (MTBC's actor) takes no trajectory prompt"),
+    (["method=mgdt", "model.task_id=true"], "model.arch=mgdt (multi-game DT) is conditioned on neither"),
+    (["method=mtiql", "model.task_id=false"], "model.arch=iql (MTIQL) has a task-id actor"),
+    (["method=mtiql", "iql.tau=1.5"], "iql.tau=1.5: expected a number in (0, 1)"),
+    (["model.max_ep_len=10"], "model.max_ep_len=10: the timestep embedding needs a row for each"),
+    (["method=mgdt", "model.return_bins=1"], "model.return_bins=1: expected an integer >= 2"),
 ])
 def test_bad_config_fails_before_any_data_or_training(tmp_path, overrides, message):
     p = run("recipe=harmodt", "debug=smoke", *overrides, f"data_root={tmp_path / 'data'}",

@@ -2,7 +2,7 @@
 under one program.
 
     maskmtl run [HYDRA ARGS ...]         # = python tools/run.py ...     (recipes.tools.run)
-    maskmtl report SWEEP [OPTIONS ...]   # = python tools/report.py ...  (from a checkout)
+    maskmtl report SWEEP [OPTIONS ...]   # = python tools/report.py ...
     maskmtl export RUN_DIR task=NAME ... # = python tools/export.py ...  (recipes.tools.export)
     maskmtl bench NAME [key=value ...]   # = python tools/bench.py ...   (recipes.tools.bench; from a checkout)
 
@@ -20,15 +20,13 @@ offers nothing after the other commands (bash then completes file names).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import re
 import sys
 from collections.abc import Sequence
 
-from recipes.tools import ROOT, exit_status
+from recipes.tools import exit_status
 
-REPORT_SCRIPT = ROOT / "tools" / "report.py"  # still a script: the report runs from a checkout
 SHELL_COMPLETION = ("-sc", "--shell-completion")
 
 
@@ -47,17 +45,9 @@ def run(argv: list[str]) -> int:
 
 
 def report(argv: list[str]) -> int:
-    if not REPORT_SCRIPT.is_file():
-        print(f"maskmtl report: error: the report runs from a checkout of the maskmtl repository: its "
-              f"tools/report.py is not installed with the package, and {ROOT} holds none (clone the "
-              f"repository, `pip install -e .` there, then `maskmtl report` or `python tools/report.py`)",
-              file=sys.stderr)
-        return 1
-    spec = importlib.util.spec_from_file_location("maskmtl_report_tool", REPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    from recipes.tools.report import main
+
+    return main(argv)
 
 
 def export(argv: list[str]) -> int:
@@ -74,7 +64,7 @@ def bench(argv: list[str]) -> int:
 
 COMMANDS = {
     "run": (run, "run a recipe: Hydra's command line (group=option key=value, -m, --cfg job, --help)"),
-    "report": (report, "a sweep's runs as a table and curves (from a checkout)"),
+    "report": (report, "a sweep's runs as a table and curves"),
     "export": (export, "a finished run's structured mask as a smaller dense model"),
     "bench": (bench, "run a benchmark (from a checkout)"),
 }

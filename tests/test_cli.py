@@ -122,14 +122,13 @@ def test_bench_without_a_checkout_says_where_benchmarks_run(monkeypatch, tmp_pat
     assert err.startswith("maskmtl bench: error: the benchmarks run from a checkout") and "\n" not in err.strip()
 
 
-def test_report_reaches_tools_report_and_needs_a_checkout(monkeypatch, tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "none")]) == 1
-    assert capsys.readouterr().err.startswith("report: error: ")
+def test_report_is_the_packaged_report():
+    """maskmtl report runs recipes.tools.report (installed with the package; tools/report.py calls it too)."""
+    assert cli.main(["report", str(Path("no-such-sweep"))]) == 1
     assert cli.main(["report", "--rows"]) == 2  # argparse, in report's own parser
-    capsys.readouterr()
-    monkeypatch.setattr(cli, "REPORT_SCRIPT", tmp_path / "tools" / "report.py")
-    assert cli.main(["report", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.startswith("maskmtl report: error: the report runs from a checkout")
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), "no-such-sweep"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.startswith("report: error: "), p.stderr
 
 
 def test_cli_does_not_import_the_recipes():
@@ -238,3 +237,16 @@ def test_maskmtl_run_multirun_passes_through(tmp_path):
 def test_installed_console_script(tmp_path):
     p = subprocess.run(["maskmtl", "nope"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "maskmtl: error: unknown command 'nope'" in p.stderr
+
+
+def test_relative_data_root_is_the_checkouts_or_the_current_directory(monkeypatch, tmp_path):
+    """A relative data_root: under the checkout when maskmtl runs from one, under the current
+    directory from an installed wheel (never inside site-packages); absolute paths stay."""
+    from recipes.metaworld import make_data
+
+    monkeypatch.chdir(tmp_path)
+    assert not make_data.installed()  # this test runs from a checkout
+    assert make_data.data_root("data") == make_data.REPO_ROOT / "data"
+    monkeypatch.setattr(make_data, "installed", lambda: True)
+    assert make_data.data_root("data") == tmp_path / "data"
+    assert make_data.data_root(tmp_path / "x") == tmp_path / "x"

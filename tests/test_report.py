@@ -4,7 +4,6 @@ nothing is ever overwritten. Synthetic sweeps (fast) and a real local multirun (
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import statistics
@@ -18,15 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["a", "b", "c"]
 
 
-def load_report():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "tools" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["report"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = load_report()
+import recipes.tools.report as report  # noqa: E402
 
 
 def fake_run(d: Path, options: dict, seed: int, per_task_acc: list[float], curve: dict[int, list[float]],

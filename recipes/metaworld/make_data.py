@@ -24,10 +24,19 @@ from recipes.metaworld.tasksets import UnknownTaskError, resolve_tasks
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def installed() -> bool:
+    """maskmtl runs from an installed wheel (its config copy ``recipes/conf/`` exists), not a checkout."""
+    return (REPO_ROOT / "recipes" / "conf" / "config.yaml").is_file()
+
+
 def data_root(root: str | Path) -> Path:
-    """``data_root`` from the config; a relative path is taken under the repository, not the CWD."""
+    """``data_root`` from the config. A relative path is taken under the checkout maskmtl runs
+    from (not the CWD, so every run of a checkout shares one data cache wherever it starts); from
+    an installed wheel, which has no checkout, under the current directory (never site-packages)."""
     root = Path(root).expanduser()
-    return root if root.is_absolute() else REPO_ROOT / root
+    if root.is_absolute():
+        return root
+    return (Path.cwd() if installed() else REPO_ROOT) / root
 
 
 def _refuse_locomotion(data: Mapping[str, Any] | None) -> None:

@@ -3,10 +3,13 @@
 
 ``eval``: env-steps/s of the batched evaluator vs a sequential batch-1 evaluator and vs raw env
 stepping with a free (zero-cost) policy, all in one process. ``policy_impl=reference,cached,...``
-times the batched grid under each ``eval.policy_impl`` in turn, ``repeats`` rounds alternating,
-and reports each one's median rate against the reference's."""
+runs every ``eval.policy_impl`` on the same inputs at every step of the batched grid (the first
+one's actions are played), and reports each one's evaluator rate (env steps over its policy time
+plus the shared simulation time), median over ``repeats`` grids, against the reference's."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -47,11 +50,29 @@ def eval(n_tasks: int = 10, parallel: int = 5, steps: int = 40, d_model: int = 1
     rate = lambda steps_, secs: steps_ / secs  # noqa: E731
     rates: dict[str, list[float]] = {impl: [] for impl in impls}
     policy_share: dict[str, list[float]] = {impl: [] for impl in impls}
-    for _ in range(max(1, int(repeats))):  # alternate the implementations, so drifts in load hit them alike
+    spent = {impl: 0.0 for impl in impls}
+
+    def paired(*args):
+        """Every implementation on the same inputs at every step, in an order rotated per step; the
+        first one's actions are played. Pairing per step keeps load drifts out of the ratios."""
+        out = None
+        k = paired.calls % len(impls)
+        paired.calls += 1
+        for impl in impls[k:] + impls[:k]:
+            t0 = time.perf_counter()
+            act = policies[impl](*args)
+            spent[impl] += time.perf_counter() - t0
+            if impl == impls[0]:
+                out = act
+        return out
+    paired.calls = 0
+    for _ in range(max(1, int(repeats))):
         for impl in impls:
-            r = grid(policies[impl], rows, episodes)
-            rates[impl].append(rate(r.env_steps, r.policy_s + r.sim_s))
-            policy_share[impl].append(r.policy_s / (r.policy_s + r.sim_s))
+            spent[impl] = 0.0
+        r = grid(paired, rows, episodes)
+        for impl in impls:  # the evaluator's rate had it run this implementation alone
+            rates[impl].append(rate(r.env_steps, spent[impl] + r.sim_s))
+            policy_share[impl].append(spent[impl] / (spent[impl] + r.sim_s))
     med = {impl: float(np.median(v)) for impl, v in rates.items()}
     free = grid(lambda s, *a: torch.zeros(s.shape[0], s.shape[1], 4), rows, episodes)
     seq_policy, seq_sim, seq_steps = 0.0, 0.0, 0

@@ -40,6 +40,21 @@ def check_contract(d: Path, recipe: str) -> dict:
     return r
 
 
+def smoke_sweep(sweep: Path, methods: list[str], recipe: str = "harmodt") -> list[tuple[Path, dict]]:
+    """``recipe`` with ``debug=smoke`` over ``methods`` as one multirun; every run's folder and
+    results.json, after the contract and the smoke size's checks (20 steps, one episode per task,
+    success in [0, 1]); each method ran exactly once."""
+    run("-m", f"recipe={recipe}", "debug=smoke", f"method={','.join(methods)}", f"hydra.sweep.dir={sweep}")
+    out = []
+    for d in finished_runs(sweep):
+        r = check_contract(d, recipe)
+        assert r["steps"] == 20 and len(r["episodes"]) == len(r["tasks"])
+        assert all(0.0 <= v["success"] <= 1.0 for v in r["per_task"].values())
+        out.append((d, r))
+    assert sorted(r["method"] for _, r in out) == sorted(methods)
+    return out
+
+
 def finished_runs(sweep: Path) -> list[Path]:
     """The job folders of a sweep that wrote results.json, in name order."""
     return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())

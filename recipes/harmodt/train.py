@@ -321,7 +321,8 @@ def check_config(cfg: DictConfig) -> None:
                           f"grouped masks are the g_harmodt recipe's")
     if unseen and cfg.model.task_id:
         raise ConfigError(f"data.unseen_tasks {unseen}: a task-id model (model.task_id=true, MTDT) has no "
-                          f"embedding for tasks it never trained on; use a prompt-based method")
+                          f"embedding for tasks it never trained on; use a prompt-based method, or evaluate the training "
+                          f"tasks only (data.unseen_taskset=null data.unseen_tasks=null)")
     if unseen and not (is_number()(cfg.eval.voting_threshold) and 0 < float(cfg.eval.voting_threshold) < n_train):
         raise ConfigError(f"eval.voting_threshold={cfg.eval.voting_threshold}: expected a fraction in (0, 1) "
                           f"or a count in [1, {n_train}) of the training tasks")

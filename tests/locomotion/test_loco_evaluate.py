@@ -137,3 +137,12 @@ def test_smoke_sizes_keep_data_and_evaluation_episodes_equal():
     out = smoke_overrides(_cfg("data=ant_dir"))
     assert out["data.episode_length"] == 10 and "eval.max_steps" not in out  # eval.max_steps follows the data
     assert out["data.tasks"] == ["ant_dir-0", "ant_dir-1"] and out["data.unseen_tasks"] == ["ant_dir-6"]
+
+
+def test_g_harmodt_refuses_locomotion_data_naming_the_benchmark():
+    from recipes.g_harmodt.train import check_config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=g_harmodt", "data=ant_dir"])
+    with pytest.raises(ConfigError, match="data.benchmark=locomotion .*reads Meta-World data only"):
+        check_config(cfg)

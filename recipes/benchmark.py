@@ -17,13 +17,14 @@ environments and the metric the results lead with.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
 
 from maskmtl.config import ConfigError
 from recipes.metaworld.storage import OfflineDataset
 
 
-class Benchmark:
+class Benchmark(ABC):
     """The interface (see the module docstring). ``headline``: the per-task metric results lead
     with and the best-so-far compares (``success`` | ``return``); ``per_task_keys``: the metrics of
     an evaluation kept per task in ``results.json``; ``smoke_eval``: ``debug=smoke``'s evaluation
@@ -34,32 +35,33 @@ class Benchmark:
     per_task_keys: tuple[str, ...]
     smoke_eval: Mapping[str, Any]
 
+    @abstractmethod
     def check(self, cfg) -> None:
         """The ``data`` keys, and the ``eval`` keys whose valid values depend on the benchmark."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_tasks(self, data: Mapping[str, Any]) -> list[str]:
-        raise NotImplementedError
+        """The training tasks, in the order of the dataset's rows."""
 
+    @abstractmethod
     def unseen_tasks(self, data: Mapping[str, Any]) -> list[str]:
         """Tasks with no training data, evaluated through their prompt demonstrations ([] if none)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def smoke_data(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """``debug=smoke``'s data sizes as ``data.<key>: value``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dataset(self, data: Mapping[str, Any], root: str) -> OfflineDataset:
         """The training tasks' data (and their demonstrations, ``.demos``), generated when missing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unseen_demos(self, data: Mapping[str, Any], root: str, tasks: Sequence[str]) -> OfflineDataset:
         """The prompt demonstrations of the unseen ``tasks``, generated when missing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_envs(self, data: Mapping[str, Any], tasks: Sequence[str], ev) -> list[list]:
         """``ev.parallel`` evaluation environments of each task (``run_grid``'s interface)."""
-        raise NotImplementedError
 
 
 class MetaWorld(Benchmark):

@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedModel, MaskSet
 from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
+from recipes.benchmark import Benchmark, MetaWorld, benchmark_of
 from recipes.common import evaluation, make_generator, multi_task_step, print_table
 from recipes.harmodt.evaluate import (HELDOUT_BATCH, POLICY_IMPLS, EvalReport, EvalSpec, GridPolicy, heldout_batches,
                                       heldout_mse, run_grid)
 from recipes.harmodt.model import ModelSpec, PromptDT
-from recipes.benchmark import Benchmark, benchmark_of
 from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 from recipes.metaworld.storage import OfflineDataset
@@ -158,8 +158,7 @@ def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, 
     sampler = SegmentSampler(OfflineDataset(list(demos.tasks), dict(demos.data), demos), sampling)
     rtg = np.array([np.quantile(demos[t].episode_returns(), ev.rtg_quantile) for t in demos.tasks])
     report = play(ev, model, unseen, sampler, rtg, make_envs(list(demos.tasks), ev, data), prompt=prompt,
-                  task_ids=False,
-                  device=device, seed_offset=n_train_tasks)
+                  task_ids=False, device=device, seed_offset=n_train_tasks)
     return report, float(unseen.density().mean())
 
 
@@ -251,7 +250,7 @@ def heldout_metrics(tasks: list[str], result: dict) -> dict:
 
 
 SMOKE_MODEL = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 4}
-SMOKE_EVAL = {"eval.episodes": 1, "eval.parallel": 1, "eval.max_steps": 40}  # Meta-World's (Benchmark.smoke_eval)
+SMOKE_EVAL = dict(MetaWorld.smoke_eval)  # one 40-step episode per task (g_harmodt reads it too)
 
 
 def smoke_overrides(cfg: DictConfig) -> dict:

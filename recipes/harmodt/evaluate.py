@@ -33,7 +33,7 @@ from recipes.common import phase
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The ``eval.*`` keys of the Meta-World recipes, read once (checked by the recipes' ``check_config``).
+    """The ``eval.*`` keys of the Prompt-DT recipes, read once (checked by the recipes' ``check_config``).
 
     episodes / parallel: episodes per task, and how many of them step together; max_steps: the
     episode length; stop_on_success: an env stops at its first success; rtg_quantile: the

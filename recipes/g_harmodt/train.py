@@ -107,6 +107,7 @@ def smoke_overrides(cfg: DictConfig) -> dict:
 def check_config(cfg: DictConfig) -> None:
     """Every g_harmodt key and the stage lengths, before any data is generated (recipes/launch.py
     calls it)."""
+    dataset_tasks(cfg.data)  # first: Meta-World data only (locomotion data is refused, naming data.benchmark)
     check_gate_config(cfg, dict(cfg.model))
     check_model_config(cfg)
     if cfg.gate.probe_steps >= cfg.eval.max_steps and cfg.gate.target != "none":

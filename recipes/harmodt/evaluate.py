@@ -1,4 +1,4 @@
-"""Batched Meta-World evaluation of a (masked) Prompt Decision Transformer.
+"""Batched evaluation of a (masked) Prompt Decision Transformer (Meta-World and locomotion tasks).
 
 All tasks are evaluated at once: ``parallel`` episodes of every task step together, arranged as a
 (T tasks, n envs) grid, and each environment step costs one policy call for the whole grid. With
@@ -7,8 +7,11 @@ task masks, the masked parameters θ⊙M of each task are stacked once per evalu
 so every env acts with its own task's mask and prompt. Without masks (dense, MTDT) the grid is one
 plain batch.
 
-An episode succeeds if ``info["success"]`` was ever true. ``stop_on_success`` ends an env's episode
-at its first success (enough for success rates; returns then count only the steps played).
+An episode succeeds if ``info["success"]`` was ever true; environments without a success signal
+(the locomotion tasks: no ``"success"`` in ``info``) have ``success`` None and are scored by their
+return alone. ``stop_on_success`` ends an env's episode at its first success (enough for success
+rates; returns then count only the steps played). An episode also ends when its environment says
+``terminated`` or ``truncated`` (the ant falling over); its return counts the steps played.
 The return-to-go starts at each task's own target (``rtg_target``, raw reward units, e.g. a high
 quantile of the task's data returns) and decreases by each reward, both divided by
 ``reward_scale`` as in training.
@@ -30,7 +33,7 @@ from recipes.common import phase
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The ``eval.*`` keys of the Meta-World recipes, read once (checked by the recipes' ``check_config``).
+    """The ``eval.*`` keys of the Prompt-DT recipes, read once (checked by the recipes' ``check_config``).
 
     episodes / parallel: episodes per task, and how many of them step together; max_steps: the
     episode length; stop_on_success: an env stops at its first success; rtg_quantile: the
@@ -68,7 +71,7 @@ class EpisodeResult:
     task: str
     episode: int
     seed: int
-    success: bool
+    success: bool | None  # None: the environment has no success signal
     ret: float
     steps: int
 
@@ -84,8 +87,8 @@ class EvalReport:
     def summarise(self) -> "EvalReport":
         for task in dict.fromkeys(e.task for e in self.episodes):
             eps = [e for e in self.episodes if e.task == task]
-            self.per_task[task] = {"success": float(np.mean([e.success for e in eps])),
-                                   "return": float(np.mean([e.ret for e in eps])), "episodes": float(len(eps))}
+            row = {"success": float(np.mean([e.success for e in eps]))} if eps[0].success is not None else {}
+            self.per_task[task] = row | {"return": float(np.mean([e.ret for e in eps])), "episodes": float(len(eps))}
         return self
 
 
@@ -255,23 +258,27 @@ class GridHistory:
 def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task_index: Sequence[int],
              episode_ids: Sequence[int], *, seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              rtg_target: np.ndarray, reward_scale: float, context: int, max_steps: int,
-             stop_on_success: bool, act_dim: int = 4,
+             stop_on_success: bool, act_dim: int | None = None,
              on_step: Callable[[int, GridHistory], None] | None = None) -> EvalReport:
     """Play one episode in every env of the (T, n) grid, all stepping together.
 
-    ``envs[i][j]`` plays episode ``episode_ids[j]`` of task ``task_names[i]``. ``state_mean``/
-    ``state_std``/``rtg_target`` have one row per grid row. ``on_step(t, history)``, if given, runs
+    ``envs[i][j]`` plays episode ``episode_ids[j]`` of task ``task_names[i]``; an env has
+    ``seed(s)``, ``reset() -> (obs, info)`` and ``step(a) -> (obs, r, terminated, truncated, info)``.
+    ``state_mean``/``state_std``/``rtg_target`` have one row per grid row; the observation size is
+    the statistics' and the action size ``act_dim`` (default: the first env's ``action_space``). ``on_step(t, history)``, if given, runs
     after every env has played step t (0-based), before the policy acts for step t + 1: it may
     change what the policy does next (e.g. route envs to other parameters) and rewrite ``rtg``.
     """
     t_rows, n = len(envs), len(envs[0])
     obs_dim = state_mean.shape[-1]
+    act_dim = int(act_dim if act_dim is not None else envs[0][0].action_space.shape[0])
     states = np.zeros((t_rows, n, max_steps, obs_dim), np.float32)
     actions = np.zeros((t_rows, n, max_steps, act_dim), np.float32)
     rtg = np.zeros((t_rows, n, max_steps, 1), np.float32)
     rewards = np.zeros((t_rows, n, max_steps), np.float32)
     ret = np.zeros((t_rows, n))
     success = np.zeros((t_rows, n), bool)
+    signal = np.zeros((t_rows, n), bool)  # the env reports success (Meta-World) or not (locomotion)
     done = np.zeros((t_rows, n), bool)
     steps = np.zeros((t_rows, n), np.int64)
     seeds = np.zeros((t_rows, n), np.int64)
@@ -310,16 +317,18 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
                 for j in range(n):
                     if done[i, j]:
                         continue
-                    obs, r, _, _, info = envs[i][j].step(act[i, j])
+                    obs, r, terminated, truncated, info = envs[i][j].step(act[i, j])
                     report.env_steps += 1
                     ret[i, j] += r
                     rewards[i, j, t] = r
                     steps[i, j] += 1
-                    success[i, j] |= bool(info["success"])
+                    if "success" in info:
+                        signal[i, j] = True
+                        success[i, j] |= bool(info["success"])
                     if t + 1 < max_steps:
                         states[i, j, t + 1] = (obs - mean[i, 0]) / std[i, 0]
                         rtg[i, j, t + 1, 0] = rtg[i, j, t, 0] - r / reward_scale
-                    if stop_on_success and success[i, j]:
+                    if (stop_on_success and success[i, j]) or terminated or truncated:
                         done[i, j] = True
             report.policy_s += t1 - t0
             report.sim_s += time.perf_counter() - t1
@@ -331,7 +340,8 @@ def run_grid(policy: Callable, envs: list[list], task_names: Sequence[str], task
     for i in range(t_rows):
         for j in range(n):
             report.episodes.append(EpisodeResult(task_names[i], int(episode_ids[j]), int(seeds[i, j]),
-                                                 bool(success[i, j]), float(ret[i, j]), int(steps[i, j])))
+                                                 bool(success[i, j]) if signal[i, j] else None, float(ret[i, j]),
+                                                 int(steps[i, j])))
     return report
 
 

@@ -1,4 +1,4 @@
-"""HarmoDT recipe: a Prompt Decision Transformer on Meta-World offline data, with per-task masks.
+"""HarmoDT recipe: a Prompt Decision Transformer on offline data, with per-task masks.
 
     python tools/run.py recipe=harmodt                          # HarmoDT-F on the embedded CPU data
     python tools/run.py recipe=harmodt method=prompt_dt         # dense Prompt-DT, same code path
@@ -12,6 +12,12 @@
     python tools/run.py recipe=harmodt debug=smoke              # seconds, on CPU
     python tools/run.py recipe=harmodt data=ml45_tiny           # train on ML45's 45 tasks, then evaluate the
                                                                 # voting mask on its 5 unseen tasks
+    python tools/run.py recipe=harmodt data=cheetah_vel         # locomotion: 35 velocities, then the voting
+                                                                # mask on the 5 unseen ones, scored by return
+
+The data's benchmark (``data.benchmark``: Meta-World or locomotion, ``recipes/benchmark.py``)
+gives the tasks, the dataset, the environments and the metric: Meta-World runs are scored by
+success, locomotion runs by return (mean cumulative reward per task).
 """
 
 from __future__ import annotations
@@ -24,13 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from maskmtl import MaskedModel, MaskSet
 from maskmtl.config import ConfigError, Masking, build, check_keys, is_bool, is_int, is_number
+from recipes.benchmark import Benchmark, MetaWorld, benchmark_of
 from recipes.common import evaluation, make_generator, multi_task_step, print_table
 from recipes.harmodt.evaluate import (HELDOUT_BATCH, POLICY_IMPLS, EvalReport, EvalSpec, GridPolicy, heldout_batches,
                                       heldout_mse, run_grid)
 from recipes.harmodt.model import ARCHS, ModelSpec, PromptDT
 from recipes.loop import Evaluation, RunContext, TrainLoop, TrainSpec, report_masking
-from recipes.metaworld.make_data import (check_data_config, dataset_tasks, ensure_dataset, ensure_demos,
-                                         smoke_data_overrides, unseen_tasks)
 from recipes.metaworld.sampler import SamplingConfig, SegmentSampler
 from recipes.metaworld.storage import OfflineDataset
 
@@ -152,7 +157,8 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
                         episodes, seed=ev.seed, state_mean=sampler.state_mean, state_std=sampler.state_std,
                         rtg_target=rtg_target, reward_scale=sampler.config.reward_scale,
                         context=sampler.config.context, max_steps=ev.max_steps,
-                        stop_on_success=ev.stop_on_success, on_step=getattr(policy, "on_step", None))
+                        stop_on_success=ev.stop_on_success, act_dim=sampler.dataset.act_dim,
+                        on_step=getattr(policy, "on_step", None))
         report.episodes += part.episodes
         report.policy_s += part.policy_s
         report.sim_s += part.sim_s
@@ -161,15 +167,15 @@ def play(ev: EvalSpec, model, masks: MaskSet, sampler: SegmentSampler, rtg_targe
     return report.summarise()
 
 
-def make_envs(tasks: list[str], ev: EvalSpec) -> list[list]:
-    """``ev.parallel`` Meta-World environments of each task (goals from ``ev.seed``)."""
-    from recipes.metaworld.generate import make_env
-
-    return [[make_env(t, ev.seed) for _ in range(ev.parallel)] for t in tasks]
+def make_envs(tasks: list[str], ev: EvalSpec, data=None) -> list[list]:
+    """``ev.parallel`` environments of each task, of the benchmark of ``data`` (default: Meta-World,
+    goals from ``ev.seed``)."""
+    return benchmark_of(data).make_envs(data, tasks, ev)
 
 
 def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, sampling: SamplingConfig,
-                    n_train_tasks: int, device, *, prompt: bool, policy_factory=GridPolicy) -> tuple[EvalReport, float]:
+                    n_train_tasks: int, device, *, prompt: bool, policy_factory=GridPolicy,
+                    data=None) -> tuple[EvalReport, float]:
     """Spec §6: the tasks of ``demos`` were never trained on. Every one of them acts with the voting
     mask of the training tasks' masks (all ones for dense methods). Its prompt, per-task state
     statistics and return-to-go target come from its prompt demonstrations alone. Returns the report
@@ -178,8 +184,8 @@ def evaluate_unseen(ev: EvalSpec, model, masks: MaskSet, demos: OfflineDataset, 
     unseen = MaskSet({n: v[None] for n, v in vote.items()}, demos.tasks, [0] * len(demos.tasks))
     sampler = SegmentSampler(OfflineDataset(list(demos.tasks), dict(demos.data), demos), sampling)
     rtg = np.array([np.quantile(demos[t].episode_returns(), ev.rtg_quantile) for t in demos.tasks])
-    report = play(ev, model, unseen, sampler, rtg, make_envs(list(demos.tasks), ev), prompt=prompt, task_ids=False,
-                  device=device, seed_offset=n_train_tasks, policy_factory=policy_factory)
+    report = play(ev, model, unseen, sampler, rtg, make_envs(list(demos.tasks), ev, data), prompt=prompt,
+                  task_ids=False, device=device, seed_offset=n_train_tasks, policy_factory=policy_factory)
     return report, float(unseen.density().mean())
 
 
@@ -239,7 +245,7 @@ def parameter_line(model: torch.nn.Module, cfg: DictConfig) -> str:
 
 
 class PromptDTSetup:
-    """What both Meta-World recipes build before training, in this order: the specs, the dataset
+    """What both Prompt-DT recipes build before training, in this order: the specs, the dataset
     (generated when missing) and its segment sampler, each task's return-to-go target (a quantile of
     its episode returns: experts differ widely), the Prompt-DT, its loss, the generators the run
     checkpoints, and the batches of training steps and mask updates. ``evaluate(masking)``
@@ -249,7 +255,8 @@ class PromptDTSetup:
         self.train, self.ev, self.spec = (TrainSpec.from_config(cfg.train), EvalSpec.from_config(cfg.eval),
                                           ModelSpec.from_config(cfg.model))
         self.device = ctx.device
-        self.dataset = ensure_dataset(cfg.data, cfg.data_root)
+        self.data, self.benchmark = cfg.data, benchmark_of(cfg.data)
+        self.dataset = self.benchmark.dataset(cfg.data, cfg.data_root)
         self.sampler = SegmentSampler(self.dataset, SamplingConfig.from_config(cfg.data.get("sampling")))
         self.tasks = list(self.dataset.tasks)
         if check_data is not None:  # the recipe's checks of the data, before the model is built
@@ -278,7 +285,7 @@ class PromptDTSetup:
         return example_inputs(self.sampler, asdict(self.spec), self.device)
 
     def evaluate(self, masking: Masking) -> EvalReport:
-        self.envs = self.envs or make_envs(self.tasks, self.ev)
+        self.envs = self.envs or make_envs(self.tasks, self.ev, self.data)
         return play(self.ev, self.model, masking.masks, self.sampler, self.rtg_target, self.envs,
                     prompt=self.spec.prompt, task_ids=self.spec.task_id, device=self.device,
                     policy_factory=self.policy_factory)
@@ -286,6 +293,11 @@ class PromptDTSetup:
 
 def mean_success(report: EvalReport) -> float:
     return float(np.mean([v["success"] for v in report.per_task.values()]))
+
+
+def mean_of(report: EvalReport, key: str) -> float:
+    """The mean over tasks of one per-task metric (``success`` or ``return``)."""
+    return float(np.mean([v[key] for v in report.per_task.values()]))
 
 
 def initial_masks(masking: Masking) -> MaskSet:
@@ -323,12 +335,14 @@ def heldout_metrics(tasks: list[str], result: dict) -> dict:
 
 
 SMOKE_MODEL = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 4}
-SMOKE_EVAL = {"eval.episodes": 1, "eval.parallel": 1, "eval.max_steps": 40}
+SMOKE_EVAL = dict(MetaWorld.smoke_eval)  # one 40-step episode per task (g_harmodt reads it too)
 
 
 def smoke_overrides(cfg: DictConfig) -> dict:
-    """``debug=smoke``: two tasks of short episodes, a 1-layer d=32 model, one 40-step episode per task."""
-    return smoke_data_overrides(cfg.data) | SMOKE_MODEL | SMOKE_EVAL
+    """``debug=smoke``: two tasks of short episodes, a 1-layer d=32 model, one short episode per task
+    (Meta-World: 40 steps; locomotion: the data's 10-step episodes)."""
+    bench = benchmark_of(cfg.data)
+    return bench.smoke_data(cfg.data) | SMOKE_MODEL | dict(bench.smoke_eval)
 
 
 MODEL_KEYS = [
@@ -350,7 +364,8 @@ MODEL_KEYS = [
      "null or the journal's parameter count in millions (printed beside the model's)"),
     ("eval.episodes", is_int(1), "an integer >= 1 (episodes per task)"),
     ("eval.parallel", is_int(1), "an integer >= 1 (episodes of a task stepped together)"),
-    ("eval.max_steps", is_int(1, 500), "an integer in 1..500 (Meta-World episodes end at 500)"),
+    ("eval.max_steps", is_int(1), "an integer >= 1 (steps per episode; Meta-World: at most 500, locomotion: "
+                                  "data.episode_length)"),
     ("eval.stop_on_success", is_bool, "true or false"),
     ("eval.rtg_quantile", is_number(0, 1), "a number in [0, 1] (a quantile of each task's returns)"),
     ("eval.seed", is_int(0), "an integer >= 0"),
@@ -363,11 +378,12 @@ HELDOUT_KEYS = [
 
 
 def check_model_config(cfg: DictConfig) -> None:
-    """The Prompt-DT, evaluation and data keys both Meta-World training recipes share."""
+    """The Prompt-DT, evaluation and data keys both Prompt-DT training recipes share (the data's
+    through its benchmark's checks)."""
     check_keys(cfg, MODEL_KEYS)
     if cfg.model.d_model % cfg.model.n_head:
         raise ConfigError(f"model.d_model={cfg.model.d_model}: expected a multiple of model.n_head={cfg.model.n_head}")
-    check_data_config(cfg.data)
+    benchmark_of(cfg.data).check(cfg)
     if cfg.model.prompt and OmegaConf.select(cfg, "data.sampling.prompt_length", default=1) < 1:
         raise ConfigError("model.prompt=true needs data.sampling.prompt_length >= 1")
     arch = OmegaConf.select(cfg, "model.arch", default="dt")
@@ -400,8 +416,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.heldout_batches={heldout}: the held-out loss needs episodes no training step reads "
                           f"(data.sampling.heldout_episodes >= 1 or data.prompt_demos >= 1); or set "
                           f"eval.heldout_batches=0")
-    unseen = unseen_tasks(cfg.data)
-    n_train = len(dataset_tasks(cfg.data))
+    bench = benchmark_of(cfg.data)
+    unseen = bench.unseen_tasks(cfg.data)
+    n_train = len(bench.train_tasks(cfg.data))
     try:
         n_groups = build(cfg.grouper, "grouper").n_groups(n_train)
     except ValueError as e:
@@ -412,7 +429,8 @@ def check_config(cfg: DictConfig) -> None:
                           f"grouped masks are the g_harmodt recipe's")
     if unseen and cfg.model.task_id:
         raise ConfigError(f"data.unseen_tasks {unseen}: a task-id model (model.task_id=true, MTDT) has no "
-                          f"embedding for tasks it never trained on; use a prompt-based method")
+                          f"embedding for tasks it never trained on; use a prompt-based method, or evaluate the training "
+                          f"tasks only (data.unseen_taskset=null data.unseen_tasks=null)")
     if unseen and not (is_number()(cfg.eval.voting_threshold) and 0 < float(cfg.eval.voting_threshold) < n_train):
         raise ConfigError(f"eval.voting_threshold={cfg.eval.voting_threshold}: expected a fraction in (0, 1) "
                           f"or a count in [1, {n_train}) of the training tasks")
@@ -431,26 +449,31 @@ def heldout_summary(final_held: dict, tasks: list[str], per_task: dict, ev: Eval
 
 def unseen_summary(setup: PromptDTSetup, masks: MaskSet, demos: OfflineDataset) -> tuple[dict, tuple]:
     """Spec §6's evaluation of the unseen tasks (voting mask): ``results.json``'s ``unseen`` and the
-    table printed under the results."""
-    ev = setup.ev
+    table printed under the results (the benchmark's metrics: success and return on Meta-World,
+    return on locomotion)."""
+    ev, bench = setup.ev, setup.benchmark
+    key = bench.headline
     with evaluation("evaluation of the unseen tasks", len(demos.tasks), ev):
         rep, density = evaluate_unseen(ev, setup.model, masks, demos, setup.sampler.config, len(setup.tasks),
-                                       setup.device, prompt=setup.spec.prompt, policy_factory=setup.policy_factory)
+                                       setup.device, prompt=setup.spec.prompt, policy_factory=setup.policy_factory,
+                                       data=setup.data)
     result = {"tasks": list(demos.tasks), "voting_threshold": float(ev.voting_threshold), "voting_density": density,
-              "per_task": rep.per_task, "mean_success": mean_success(rep),
+              "per_task": rep.per_task, f"mean_{key}": mean_of(rep, key),
               "episodes": [e.__dict__ for e in rep.episodes]}
-    table = {t: {"success": v["success"], "return": v["return"]} for t, v in rep.per_task.items()}
+    table = {t: {k: v[k] for k in bench.per_task_keys} for t, v in rep.per_task.items()}
     return result, (lambda: print_table(f"unseen tasks (voting mask, threshold {ev.voting_threshold}, density "
-                                        f"{density:.3f}): mean success {result['mean_success']:.3f}", table),)
+                                        f"{density:.3f}): mean {key} {result[f'mean_{key}']:.3f}", table),)
 
 
 def run(cfg: DictConfig) -> dict | None:
     # ------------------------------------------------------------------ build
     ctx = RunContext.start(cfg)
     check_config(cfg)  # also run by recipes/launch.py before the run folder is touched
-    unseen = unseen_tasks(cfg.data)
+    bench: Benchmark = benchmark_of(cfg.data)
+    key = bench.headline  # success (Meta-World) | return (locomotion)
+    unseen = bench.unseen_tasks(cfg.data)
     setup = PromptDTSetup(cfg, ctx)
-    unseen_demos = ensure_demos(cfg.data, cfg.data_root, unseen) if unseen else None
+    unseen_demos = bench.unseen_demos(cfg.data, cfg.data_root, unseen) if unseen else None
     train, ev, model, tasks, loss_fn = setup.train, setup.ev, setup.model, setup.tasks, setup.loss_fn
     masking = Masking(cfg, model, tasks, make_generator(cfg.seed, 1), example_inputs=setup.example_inputs())
     held = heldout_batches(setup.sampler, ev.heldout_batches, ctx.device) if ev.heldout_batches else None
@@ -462,20 +485,20 @@ def run(cfg: DictConfig) -> dict | None:
     initial = None  # the initial masks' model, after the restore
 
     def evaluate_now(label: str) -> tuple[EvalReport, float, dict]:
-        """One evaluation of every task, its mean success and the held-out metrics (none without
-        eval.heldout_batches)."""
+        """One evaluation of every task, its mean headline metric (success or return) and the
+        held-out metrics (none without eval.heldout_batches)."""
         with evaluation(label, len(tasks), ev) as shown:
             rep = setup.evaluate(masking)
             held_now = {} if held is None else heldout_metrics(
                 tasks, heldout_mse(model, setup.action_loss_fn, held, heldout_forwards(masking, initial)))
-            shown.result = f"mean success {mean_success(rep):.3f}" + (
+            shown.result = f"mean {key} {mean_of(rep, key):.3f}" + (
                 f", held-out mse {held_now['eval/heldout_mse']:.4g}" if held_now else "")
-        return rep, mean_success(rep), held_now
+        return rep, mean_of(rep, key), held_now
 
     def evaluate_at(step: int) -> Evaluation:
         rep, mean, held_now = evaluate_now(f"evaluation at step {step}")
-        metrics = ({f"eval/{t}/success": v["success"] for t, v in rep.per_task.items()} | held_now
-                   | {"eval/mean_success": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
+        metrics = ({f"eval/{t}/{key}": v[key] for t, v in rep.per_task.items()} | held_now
+                   | {f"eval/mean_{key}": mean, "time/eval_policy_s": rep.policy_s, "time/eval_sim_s": rep.sim_s})
         return Evaluation(metrics, mean, rep.per_task)
 
     on_step = None
@@ -485,7 +508,7 @@ def run(cfg: DictConfig) -> dict | None:
     loop = TrainLoop(ctx, train, model=model, masking=masking, loss_fn=loss_fn, batch_for=setup.batch_for,
                      score_batches=setup.score_batches, numpy_rngs=setup.rngs, multi=multi, evaluate=evaluate_at,
                      on_step=on_step,
-                     generators=setup.generators | (multi.generators if multi else {}))
+                     generators=setup.generators | (multi.generators if multi else {}), best_key=f"mean_{key}")
     loop.restore()
     initial = MaskedModel(model, initial_masks(masking)) if held is not None else None  # after the restore
 
@@ -493,17 +516,18 @@ def run(cfg: DictConfig) -> dict | None:
     loop.train()
     final, final_mean, final_held = evaluate_now(f"final evaluation after {train.steps} steps")
     loop.keep_best(train.steps, final_mean, final.per_task)
-    loop.log(train.steps, {f"eval/{t}/success": v["success"] for t, v in final.per_task.items()}
-             | {"eval/mean_success": final_mean} | final_held)
+    loop.log(train.steps, {f"eval/{t}/{key}": v[key] for t, v in final.per_task.items()}
+             | {f"eval/mean_{key}": final_mean} | final_held)
     best = loop.best
-    per_task = {t: {"success": v["success"], "return": v["return"], "best_success": best["per_task"][t]["success"]}
+    per_task = {t: {k: v[k] for k in bench.per_task_keys} | {f"best_{key}": best["per_task"][t][key]}
                 for t, v in final.per_task.items()}
     heldout_result = heldout_summary(final_held, tasks, per_task, ev)
     unseen_result, reports = unseen_summary(setup, masking.masks, unseen_demos) if unseen_demos else (None, ())
     return loop.finish(
-        cfg, per_task=per_task, headline="success", reports=reports, title=f"harmodt {cfg.method_name} seed {cfg.seed}",
-        table=f"harmodt ({cfg.method_name}): success after {train.steps} steps "
-              f"(best = the evaluation with the highest mean success)",
-        extra={"method": cfg.method_name, "best": best, "rtg_target": dict(zip(tasks, setup.rtg_target.tolist())),
+        cfg, per_task=per_task, headline=key, reports=reports, title=f"harmodt {cfg.method_name} seed {cfg.seed}",
+        table=f"harmodt ({cfg.method_name}): {key} after {train.steps} steps "
+              f"(best = the evaluation with the highest mean {key})",
+        extra={"method": cfg.method_name, "benchmark": bench.name, "best": best,
+               "rtg_target": dict(zip(tasks, setup.rtg_target.tolist())),
                "episodes": [e.__dict__ for e in final.episodes], "density": masking.masks.density().tolist(),
                "resumed_from": loop.resumed_from, "unseen": unseen_result, "heldout": heldout_result})

@@ -140,3 +140,24 @@ class LocomotionEnv:
             info = {"reward_forward": forward, "reward_ctrl": -ctrl, "forward_vel": vel}
         truncated = self._t >= self.max_steps and not terminated
         return self.observation(), float(reward), bool(terminated), bool(truncated), info
+
+
+class EvalEnv:
+    """A :class:`LocomotionEnv` as the batched evaluator (``recipes.harmodt.evaluate.run_grid``)
+    drives environments: ``seed(s)`` fixes the next reset's noise, ``reset()`` returns
+    ``(obs, info)``, ``step`` is the task's own (``info`` has no ``"success"``: these tasks are
+    scored by their return)."""
+
+    def __init__(self, task: Task, max_steps: int = EPISODE_LENGTH):
+        self.env = LocomotionEnv(task, max_steps)
+        self.action_space = self.env.gym_env.action_space
+        self._seed: int | None = None
+
+    def seed(self, seed: int) -> None:
+        self._seed = int(seed)
+
+    def reset(self) -> tuple[np.ndarray, dict]:
+        return self.env.reset(self._seed), {}
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        return self.env.step(action)

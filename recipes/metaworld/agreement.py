@@ -101,6 +101,10 @@ class FrozenGoalEnv:
         self.env._last_rand_vec = np.array(rand_vec, copy=True)
         self.env._freeze_rand_vec = True
 
+    @property
+    def action_space(self):
+        return self.env.action_space
+
     def seed(self, seed: int):
         return self.env.seed(seed)
 

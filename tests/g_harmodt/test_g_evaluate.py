@@ -104,7 +104,7 @@ def play(gate, probe, gn, blind="random", success_at=None, n=2, steps=9):
     mean, std = np.full((3, OBS), 0.5), np.full((3, OBS), 2.0)
     rep = run_grid(traced, envs, TASKS, [0, 1, 2], list(range(n)), seed=0, state_mean=mean, state_std=std,
                    rtg_target=np.full(3, 50.0), reward_scale=10.0, context=K, max_steps=steps, stop_on_success=True,
-                   on_step=router)
+                   act_dim=4, on_step=router)
     return router, trace, rep
 
 

@@ -30,8 +30,8 @@ def run(*args: str, env: dict | None = None):
     return run_tool(*args, env=env, check=False)
 
 
-def finished(d: Path, data_root: Path) -> dict:
-    p = run(*COMMON, f"data_root={data_root}", f"hydra.run.dir={d}")
+def finished(d: Path, data_root: Path, extra: tuple[str, ...] = ()) -> dict:
+    p = run(*COMMON, *extra, f"data_root={data_root}", f"hydra.run.dir={d}")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert all((d / f).exists() for f in PROMISED), [f for f in PROMISED if not (d / f).exists()]
     assert not list(d.glob(".*.tmp"))
@@ -68,21 +68,54 @@ POINTS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,attempts,resumed", POINTS, ids=[p[0] for p in POINTS])
 def test_stopped_and_rerun_equals_uninterrupted(reference, tmp_path, name, attempts, resumed):
-    ref, ra, shared_data = reference
-    # the data-generation point makes its own data; the others reuse the reference's
-    data_root = tmp_path / "data" if "data:" in json.dumps(attempts) else shared_data
+    stopped_and_rerun(reference, tmp_path, attempts, resumed)
+
+
+# The locomotion data (Cheetah-vel smoke: 2 training tasks, 1 unseen task), scored by return.
+LOCOMOTION = ("data=cheetah_vel",)
+LOCOMOTION_POINTS = [
+    ("data generation, the first training task", [{"MASKMTL_KILL_AT_STEP": "data:cheetah_vel-0:1"}], None),
+    ("the unseen task's demonstration", [{"MASKMTL_KILL_AT_STEP": "demos:cheetah_vel-2:1"}], None),
+    ("in the step-10 evaluation", [{"MASKMTL_KILL_AT_STEP": "eval:10"}], None),
+    ("unseen tasks evaluated, figures written, results.json not", [{"MASKMTL_KILL_AT_STEP": "results"}], 20),
+]
+
+
+@pytest.fixture(scope="module")
+def locomotion_reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("kill_points_locomotion")
+    data_root = base / "data"
+    ref = base / "uninterrupted"
+    return ref, finished(ref, data_root, LOCOMOTION), data_root, LOCOMOTION
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,attempts,resumed", LOCOMOTION_POINTS, ids=[p[0] for p in LOCOMOTION_POINTS])
+def test_locomotion_stopped_and_rerun_equals_uninterrupted(locomotion_reference, tmp_path, name, attempts, resumed):
+    rb = stopped_and_rerun(locomotion_reference, tmp_path, attempts, resumed)
+    assert rb["headline"]["name"] == "return" and rb["unseen"]["tasks"] == ["cheetah_vel-2"]
+
+
+def stopped_and_rerun(reference, tmp_path: Path, attempts: list[dict], resumed: int | None) -> dict:
+    """Run the reference's command under each of ``attempts``' environments (each must fail without
+    results), then once more: the last run resumes from ``resumed`` and ends equal to the reference."""
+    ref, ra, shared_data, *extra = reference
+    extra = tuple(extra[0]) if extra else ()
+    # the data-generation points make their own data; the others reuse the reference's
+    data_root = tmp_path / "data" if any(k in json.dumps(attempts) for k in ("data:", "demos:")) else shared_data
     d = tmp_path / "run"
     for env in attempts:
-        p = run(*COMMON, f"data_root={data_root}", f"hydra.run.dir={d}", env=env)
+        p = run(*COMMON, *extra, f"data_root={data_root}", f"hydra.run.dir={d}", env=env)
         assert p.returncode != 0 and not (d / "results.json").exists(), p.stdout[-2000:]
         if "MASKMTL_TERM_AT_STEP" in env:
             assert "run the same command again to resume" in p.stderr
-    rb = finished(d, data_root)
+    rb = finished(d, data_root, extra)
     assert rb["resumed_from"] == resumed
-    for key in ("per_task", "episodes", "best", "density", "rtg_target", "tasks"):
-        assert ra[key] == rb[key], key
+    for key in ("per_task", "episodes", "best", "density", "rtg_target", "tasks", "unseen"):
+        assert ra.get(key) == rb.get(key), key
     ma, mb = (read_masks_file(x / "masks.safetensors")[0] for x in (ref, d))
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     ca, cb = (torch.load(x / "checkpoint.pt", weights_only=True)["model"] for x in (ref, d))
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
     assert metrics(ref) == metrics(d)
+    return rb

@@ -117,7 +117,7 @@ def test_metaworld_data_path_refuses_locomotion():
     from recipes.metaworld.make_data import dataset_tasks, ensure_dataset, smoke_data_overrides, unseen_tasks
 
     for call in (dataset_tasks, unseen_tasks, smoke_data_overrides, lambda d: ensure_dataset(d, "unused")):
-        with pytest.raises(ConfigError, match="data.benchmark=locomotion .*cannot train or evaluate on it yet"):
+        with pytest.raises(ConfigError, match="data.benchmark=locomotion .*reads Meta-World data only"):
             call(load_data("ant_dir"))
 
 
@@ -128,4 +128,6 @@ def test_composes_with_harmodt(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["recipe=harmodt", f"data={name}"])
     assert cfg.data.family == name and cfg.data.sampling.context == 20
-    OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # evaluation episodes follow the data's (200 steps), Meta-World's default (500) stays
+    assert resolved["eval"]["max_steps"] == resolved["data"]["episode_length"] == 200

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from maskmtl.config import ConfigError
+from maskmtl.config import ConfigError, is_int
 from recipes.locomotion.tasks import (EPISODE_LENGTH, FAMILIES, GOAL_SOURCES, Task,
                                       UnknownLocomotionTaskError, resolve_tasks, task)
 
@@ -52,13 +52,13 @@ def split_from_config(data: Mapping[str, Any]) -> LocomotionSplit:
     if source not in GOAL_SOURCES:
         raise ConfigError(f"data.goals={source!r}: expected one of {', '.join(GOAL_SOURCES)}")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(0)(seed):
         raise ConfigError(f"data.seed={seed!r}: expected an integer >= 0")
     length = data.get("episode_length", EPISODE_LENGTH)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+    if not is_int(1)(length):
         raise ConfigError(f"data.episode_length={length!r}: expected an integer >= 1")
     episodes = data.get("episodes_per_task", 1)
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+    if not is_int(1)(episodes):
         raise ConfigError(f"data.episodes_per_task={episodes!r}: expected an integer >= 1")
     composition = data.get("composition", "near_optimal")
     if composition not in ("near_optimal", "sub_optimal"):

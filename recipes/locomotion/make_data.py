@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from maskmtl.config import ConfigError
+from maskmtl.config import ConfigError, is_int
 from recipes.common import kill_point
 from recipes.locomotion.config import LocomotionSplit, split_from_config
 from recipes.locomotion.envs import ACT_DIM, OBS_DIM
@@ -36,7 +36,7 @@ from recipes.metaworld.storage import OfflineDataset, demo_dir, is_complete, loa
 
 def _int(data: Mapping[str, Any], key: str, lo: int, default: int) -> int:
     v = data.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    if not is_int(lo)(v):
         raise ConfigError(f"data.{key}={v!r}: expected an integer >= {lo}")
     return v
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig
 
-from maskmtl.config import ConfigError
+from maskmtl.config import ConfigError, is_int
 from maskmtl.outputs import write_json
 from recipes.metaworld.generate import GenerationSpec, generate_dataset, generate_demos
 from recipes.metaworld.storage import OfflineDataset, demo_dir, is_complete, load_dataset, task_paths
@@ -172,7 +172,7 @@ def check_export_config(cfg: DictConfig) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: expected one of {', '.join(FORMATS)} (conf/recipe/make_data.yaml)")
     v = cfg.get("minari_version", 0)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if not is_int(0)(v):
         raise ConfigError(f"minari_version={v!r}: expected an integer >= 0 (the -v<N> of the Minari dataset ids)")
     if fmt == "minari":
         try:
@@ -200,7 +200,7 @@ def check_data_config(data: Mapping[str, Any]) -> None:
     for key, lo in (("transitions_per_task", 1), ("episode_length", 1), ("seed", 0), ("workers", 1),
                     ("checkpoint_every", 1), ("prompt_demos", 0)):
         v = data.get(key, lo)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        if not is_int(lo)(v):
             raise ConfigError(f"data.{key}={v!r}: expected an integer >= {lo}")
     dataset_dir(data, ".")  # the remaining generation keys (GenerationSpec)
     check_source(data)
@@ -249,7 +249,7 @@ def minari_ids(data: Mapping[str, Any], tasks: Sequence[str] | None = None) -> d
 
     given = dict(data.get("minari_ids") or {})
     version = data.get("minari_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+    if not is_int(0)(version):
         raise ConfigError(f"data.minari_version={version!r}: expected an integer >= 0")
     tasks = list(tasks) if tasks is not None else dataset_tasks(data)
     unknown = sorted(set(given) - set(tasks))

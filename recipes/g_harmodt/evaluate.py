@@ -64,6 +64,7 @@ class RoutedPolicy:
             impl = "reference"  # only the Prompt-DT has the cached forward
         self.model, self.prompts, self.task_ids, self.impl = model, prompts, task_ids, impl
         self._prefix: dict[tuple[int, int], tuple] = {}  # (parameter key, prompt row) -> encoded prompt
+        self._batched: dict[int, tuple] = {}  # parameter key -> (its envs' prompt rows, their prefix batch)
         self.device = next(model.parameters()).device
         params = dict(model.named_parameters())
         with torch.no_grad():  # θ ⊙ M per row, made once per evaluation
@@ -91,9 +92,7 @@ class RoutedPolicy:
             if self.impl != "reference":
                 kwargs.update(last=True, fused_attention=True)
                 if self.prompts is not None:
-                    encoded = [self._encoded(int(key), int(r)) for r in prompt_rows[idx].tolist()]
-                    kwargs["prefix"] = (torch.cat([e[0] for e in encoded], 1), torch.cat([e[1] for e in encoded], 1),
-                                        torch.cat([e[2] for e in encoded], 0))
+                    kwargs["prefix"] = self._batch_prefix(int(key), tuple(prompt_rows[idx].tolist()))
             elif self.prompts is not None:
                 kwargs["prompt"] = tuple(p[prompt_rows[idx]] for p in self.prompts)
             if self.task_ids:
@@ -104,6 +103,16 @@ class RoutedPolicy:
                 out = torch.empty((t * n, y.shape[-1]), dtype=y.dtype, device=y.device)
             out[idx] = y[:, -1]
         return out.reshape(t, n, -1)
+
+    def _batch_prefix(self, key: int, rows: tuple[int, ...]) -> tuple:
+        """The encoded prompts of the envs on parameter row ``key``, whose prompt rows are ``rows``,
+        as one batch; rebuilt only when that routing changes (between the probe and the label)."""
+        hit = self._batched.get(key)
+        if hit is None or hit[0] != rows:
+            encoded = [self._encoded(key, r) for r in rows]
+            hit = (rows, tuple(torch.cat([e[i] for e in encoded], 1 if i < 2 else 0) for i in range(3)))
+            self._batched[key] = hit
+        return hit[1]
 
     def _encoded(self, key: int, row: int) -> tuple:
         """Prompt row ``row`` encoded under parameter row ``key`` (-1: dense), batch 1, made once."""

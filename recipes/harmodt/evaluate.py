@@ -166,14 +166,10 @@ class GridPolicy:
             return tuple(torch.stack(x) for x in zip(*outs))
         return vmap(one)(self.stacked, rows)
 
-    def _kwargs(self, n: int, prompt, prefix, extra: dict, fused: bool = False) -> dict:
-        """The model's keyword arguments for n envs: the prompt, or its encoded prefix (batch 1,
-        expanded to n) and the last step only for the cached implementations."""
-        kwargs = {"prompt": prompt}
-        if prefix is not None:
-            keys, values, keep = prefix
-            kwargs = {"prefix": (keys.expand(-1, n, -1, -1, -1), values.expand(-1, n, -1, -1, -1),
-                                 keep.expand(n, -1))}
+    def _kwargs(self, prompt, prefix, extra: dict, fused: bool = False) -> dict:
+        """The model's keyword arguments: the prompt, or its encoded prefix (at the batch's size),
+        and the last step only for the cached implementations."""
+        kwargs = {"prompt": prompt} if prefix is None else {"prefix": prefix}
         if self.impl != "reference":
             kwargs["last"] = True
             if fused:
@@ -183,7 +179,10 @@ class GridPolicy:
     def _one(self, params, task, states, actions, rtg, timesteps, mask, prompt, prefix, extra, fused=False):
         # one task's n envs: states (n, K, S) …; prompt tensors (n, K*, …); prefix: its encoded prompt (batch 1)
         n = states.shape[0]
-        kwargs = self._kwargs(n, prompt, prefix, extra, fused)
+        if prefix is not None:
+            keys, values, keep = prefix
+            prefix = (keys.expand(-1, n, -1, -1, -1), values.expand(-1, n, -1, -1, -1), keep.expand(n, -1))
+        kwargs = self._kwargs(prompt, prefix, extra, fused)
         if self.task_ids:
             kwargs["task"] = task.expand(n)
         if params is None:
@@ -203,15 +202,12 @@ class GridPolicy:
         if self.stacked is None:  # dense: the grid is one batch
             flat = lambda x: x.reshape(t * n, *x.shape[2:])  # noqa: E731
             prefix = None
-            if self.prefix is not None:  # (T, n_layer, 1, nh, L, hs) ... -> (n_layer, 1, T·n, nh, L, hs) ...
+            if self.prefix is not None:  # (T, n_layer, 1, nh, L, hs) ... -> (n_layer, T·n, nh, L, hs) ...
                 keys, values, keep = self.prefix
                 grid = lambda x: x.expand(-1, -1, n, *x.shape[3:]).transpose(0, 1).reshape(  # noqa: E731
                     x.shape[1], t * n, *x.shape[3:])
                 prefix = (grid(keys), grid(values), keep.expand(-1, n, -1).reshape(t * n, -1))
-            kwargs = self._kwargs(t * n, tuple(flat(p) for p in prompt) if prompt is not None else None, None, extra)
-            if prefix is not None:
-                kwargs["prefix"] = prefix
-                del kwargs["prompt"]
+            kwargs = self._kwargs(tuple(flat(p) for p in prompt) if prompt is not None else None, prefix, extra)
             if self.task_ids:
                 kwargs["task"] = self.tasks.repeat_interleave(n)
             out = self.model(flat(states), flat(actions), flat(rtg), flat(timesteps), flat(mask), **kwargs)

@@ -166,6 +166,14 @@ def check_config(cfg: DictConfig) -> None:
 FORMATS = ("npz", "minari")
 
 
+def require_minari(setting: str) -> None:
+    """A ConfigError naming ``setting`` unless the minari package is installed."""
+    try:
+        import minari  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{setting} needs the minari package: pip install -e '.[minari]'") from None
+
+
 def check_export_config(cfg: DictConfig) -> None:
     """``format`` (npz: the dataset folder only | minari: also Minari datasets), ``minari_version``."""
     fmt = cfg.get("format", "npz")
@@ -175,10 +183,7 @@ def check_export_config(cfg: DictConfig) -> None:
     if not is_int(0)(v):
         raise ConfigError(f"minari_version={v!r}: expected an integer >= 0 (the -v<N> of the Minari dataset ids)")
     if fmt == "minari":
-        try:
-            import minari  # noqa: F401
-        except ImportError:
-            raise ConfigError("format=minari needs the minari package: pip install -e '.[minari]'") from None
+        require_minari("format=minari")
         from recipes.metaworld.minari_format import existing
 
         data = _require_data(cfg.get("data"))
@@ -218,12 +223,9 @@ def check_source(data: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(DATA_SOURCES)}")
     if source != "minari":
         return
-    try:
-        from recipes.metaworld import minari_format as mf
+    require_minari("data.source=minari")
+    from recipes.metaworld import minari_format as mf
 
-        mf._minari()
-    except ImportError as e:
-        raise ConfigError(f"data.source=minari: {e}") from None
     if int(data.get("prompt_demos", 0) or 0):
         raise ConfigError(f"data.source=minari: data.prompt_demos={data.get('prompt_demos')}, but Minari datasets "
                           f"hold no separate prompt demonstrations; set data.prompt_demos=0 (prompts and held-out "

@@ -271,11 +271,18 @@ def chosen_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_results(out: Path, cfg: DictConfig, *, tasks: list[str], per_task: Mapping[str, Mapping[str, float]], headline: str,
-                  steps: int, wall_time_s: float, extra: Mapping[str, Any] | None = None) -> dict:
-    """Write ``results.json`` (output contract) and return it."""
-    means = {}
+                  steps: int, wall_time_s: float, extra: Mapping[str, Any] | None = None,
+                  means: Mapping[str, float] | None = None) -> dict:
+    """Write ``results.json`` (output contract) and return it. Its ``mean``: each per-task metric's mean
+    over the tasks, then ``means`` (run-level metrics, e.g. the unseen tasks'; a name clashing with a
+    per-task metric is refused)."""
+    out_means = {}
     for metric in next(iter(per_task.values())):
-        means[metric] = float(np.mean([v[metric] for v in per_task.values()]))
+        out_means[metric] = float(np.mean([v[metric] for v in per_task.values()]))
+    clash = sorted(set(out_means) & set(means or {}))
+    if clash:
+        raise ValueError(f"run-level means {clash} clash with per-task metrics of the same names")
+    means = out_means | {k: float(v) for k, v in (means or {}).items()}
     results = {
         "recipe": cfg.recipe_name,
         "options": chosen_options(cfg),

@@ -297,11 +297,13 @@ class TrainLoop:
 
     def finish(self, cfg: DictConfig, *, per_task: Mapping[str, Mapping[str, float]], headline: str, title: str,
                table: str, extra: Mapping[str, Any], reports: tuple[Callable[[], None], ...] = (),
-               figures: tuple[Callable[[Path], None], ...] = ()) -> dict:
+               figures: tuple[Callable[[Path], None], ...] = (),
+               means: Mapping[str, float] | None = None) -> dict:
         """Masks, the per-task table titled ``table`` (then each of ``reports()``: more lines), the
         figures titled ``title`` (``curves.png``, ``masks.png``, ``diagnostics.png`` when masks were
         updated, each of ``figures(out)``) and, last, ``results.json`` (``extra`` and the summary of
-        the mask diagnostics, ``mask_diagnostics``, beside the per-task results)."""
+        the mask diagnostics, ``mask_diagnostics``, beside the per-task results; ``means``: run-level
+        metrics added to its ``mean``, beside the per-task means)."""
         out = self.out
         save_masks(self.masks, out / MASKS)
         print_table(table, per_task)
@@ -322,7 +324,7 @@ class TrainLoop:
         kill_point("results")
         extra = dict(extra) | {"mask_diagnostics": diagnostics_summary(out / METRICS)}
         results = write_results(out, cfg, tasks=list(self.masks.tasks), per_task=per_task, headline=headline,
-                                steps=self.spec.steps, wall_time_s=self.wall_time(), extra=extra)
+                                steps=self.spec.steps, wall_time_s=self.wall_time(), extra=extra, means=means)
         print(f"results: {out / 'results.json'}")
         return results
 

@@ -39,7 +39,8 @@ class EvalSpec:
     episode length; stop_on_success: an env stops at its first success; rtg_quantile: the
     return-to-go target, a quantile of the data returns; seed: the evaluation goals;
     heldout_batches: batches of held-out segments per task for the held-out loss (0: none);
-    voting_threshold: the voting mask of unseen tasks; task_provided: G-HarmoDT's final
+    voting_threshold: the voting mask of unseen tasks (voting_sweep: more thresholds they are also
+    played at); task_provided: G-HarmoDT's final
     evaluation with the task id, for reference; policy_impl: how the policy computes its forward
     (``GridPolicy``'s ``impl``)."""
 
@@ -51,6 +52,7 @@ class EvalSpec:
     seed: int
     heldout_batches: int = 0
     voting_threshold: float | None = None
+    voting_sweep: tuple[float, ...] = ()
     task_provided: bool = False
     policy_impl: str = "reference"
 
@@ -62,6 +64,7 @@ class EvalSpec:
         return cls(episodes=int(e["episodes"]), parallel=int(e["parallel"]), max_steps=int(e["max_steps"]),
                    stop_on_success=bool(e["stop_on_success"]), rtg_quantile=e["rtg_quantile"], seed=int(e["seed"]),
                    heldout_batches=int(e.get("heldout_batches") or 0), voting_threshold=e.get("voting_threshold"),
+                   voting_sweep=tuple(float(t) for t in (e.get("voting_sweep") or ())),
                    task_provided=bool(e.get("task_provided", False)),
                    policy_impl=str(e.get("policy_impl") or "reference"))
 

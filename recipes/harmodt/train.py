@@ -22,7 +22,7 @@ success, locomotion runs by return (mean cumulative reward per task).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -434,6 +434,14 @@ def check_config(cfg: DictConfig) -> None:
     if unseen and not (is_number()(cfg.eval.voting_threshold) and 0 < float(cfg.eval.voting_threshold) < n_train):
         raise ConfigError(f"eval.voting_threshold={cfg.eval.voting_threshold}: expected a fraction in (0, 1) "
                           f"or a count in [1, {n_train}) of the training tasks")
+    sweep = OmegaConf.select(cfg, "eval.voting_sweep", default=None)
+    sweep = [] if sweep is None else sweep
+    if not OmegaConf.is_list(sweep) and not isinstance(sweep, (list, tuple)):
+        raise ConfigError(f"eval.voting_sweep={sweep}: expected a list of thresholds, e.g. [0.8,0.9] (or [])")
+    for t in sweep:
+        if not (is_number()(t) and 0 < float(t) < n_train):
+            raise ConfigError(f"eval.voting_sweep={list(sweep)}: {t!r} is not a fraction in (0, 1) or a count in "
+                              f"[1, {n_train}) of the training tasks")
 
 
 def heldout_summary(final_held: dict, tasks: list[str], per_task: dict, ev: EvalSpec) -> dict | None:
@@ -453,16 +461,42 @@ def unseen_summary(setup: PromptDTSetup, masks: MaskSet, demos: OfflineDataset) 
     return on locomotion)."""
     ev, bench = setup.ev, setup.benchmark
     key = bench.headline
-    with evaluation("evaluation of the unseen tasks", len(demos.tasks), ev):
-        rep, density = evaluate_unseen(ev, setup.model, masks, demos, setup.sampler.config, len(setup.tasks),
-                                       setup.device, prompt=setup.spec.prompt, policy_factory=setup.policy_factory,
-                                       data=setup.data)
+
+    def play_at(threshold: float) -> tuple[EvalReport, float]:
+        with evaluation(f"evaluation of the unseen tasks (voting threshold {threshold:g})", len(demos.tasks), ev):
+            return evaluate_unseen(replace(ev, voting_threshold=threshold), setup.model, masks, demos,
+                                   setup.sampler.config, len(setup.tasks), setup.device, prompt=setup.spec.prompt,
+                                   policy_factory=setup.policy_factory, data=setup.data)
+
+    rep, density = play_at(float(ev.voting_threshold))
     result = {"tasks": list(demos.tasks), "voting_threshold": float(ev.voting_threshold), "voting_density": density,
               "per_task": rep.per_task, f"mean_{key}": mean_of(rep, key),
-              "episodes": [e.__dict__ for e in rep.episodes]}
-    table = {t: {k: v[k] for k in bench.per_task_keys} for t, v in rep.per_task.items()}
-    return result, (lambda: print_table(f"unseen tasks (voting mask, threshold {ev.voting_threshold}, density "
-                                        f"{density:.3f}): mean {key} {result[f'mean_{key}']:.3f}", table),)
+              "episodes": [e.__dict__ for e in rep.episodes], "sweep": []}
+    tables = [(float(ev.voting_threshold), density, rep)]
+    for threshold in ev.voting_sweep:  # eval.voting_sweep: the same tasks and goals, other voting masks
+        rep_t, density_t = play_at(threshold)
+        result["sweep"].append({"voting_threshold": threshold, "voting_density": density_t,
+                                "per_task": rep_t.per_task, f"mean_{key}": mean_of(rep_t, key)})
+        tables.append((threshold, density_t, rep_t))
+
+    def show(threshold: float, density: float, rep: EvalReport):
+        return lambda: print_table(f"unseen tasks (voting mask, threshold {threshold:g}, density {density:.4f}): "
+                                   f"mean {key} {mean_of(rep, key):.3f}",
+                                   {t: {k: v[k] for k in bench.per_task_keys} for t, v in rep.per_task.items()})
+    return result, tuple(show(*t) for t in tables)
+
+
+def unseen_means(result: dict | None, key: str) -> dict[str, float]:
+    """The unseen tasks' run-level means for ``results.json``'s ``mean`` (what ``report --metric`` reads):
+    ``unseen_<key>`` and ``unseen_density`` at ``eval.voting_threshold``, ``unseen_<key>@<t>`` and
+    ``unseen_density@<t>`` at each threshold of ``eval.voting_sweep``."""
+    if result is None:
+        return {}
+    out = {f"unseen_{key}": result[f"mean_{key}"], "unseen_density": result["voting_density"]}
+    for row in result.get("sweep", []):
+        out |= {f"unseen_{key}@{row['voting_threshold']:g}": row[f"mean_{key}"],
+                f"unseen_density@{row['voting_threshold']:g}": row["voting_density"]}
+    return out
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -524,7 +558,7 @@ def run(cfg: DictConfig) -> dict | None:
     heldout_result = heldout_summary(final_held, tasks, per_task, ev)
     unseen_result, reports = unseen_summary(setup, masking.masks, unseen_demos) if unseen_demos else (None, ())
     return loop.finish(
-        cfg, per_task=per_task, headline=key, reports=reports, title=f"harmodt {cfg.method_name} seed {cfg.seed}",
+        cfg, per_task=per_task, headline=key, reports=reports, means=unseen_means(unseen_result, key), title=f"harmodt {cfg.method_name} seed {cfg.seed}",
         table=f"harmodt ({cfg.method_name}): {key} after {train.steps} steps "
               f"(best = the evaluation with the highest mean {key})",
         extra={"method": cfg.method_name, "benchmark": bench.name, "best": best,

@@ -63,6 +63,8 @@ def test_unseen_tasks_are_evaluated_with_the_voting_mask(tmp_path):
     (["data=ml45_tiny", "data.prompt_demos=0"], "data.prompt_demos must be >= 1"),
     (["data.unseen_tasks=[dial-turn-v3]"], "are training tasks too"),
     (["data=ml45_tiny", "eval.voting_threshold=0"], "eval.voting_threshold=0"),
+    (["data=ml45_tiny", "eval.voting_sweep=[0.8,0]"], "eval.voting_sweep=[0.8, 0]: 0 is not a fraction"),
+    (["data=ml45_tiny", "eval.voting_sweep=0.8"], "eval.voting_sweep=0.8: expected a list"),
     (["method=ta_harmodt_gating"], "belongs to recipe=g_harmodt"),
     (["model.arch=rnn"], "model.arch='rnn': expected one of dt, mlp, mgdt, iql"),
     (["method=mtbc", "model.prompt=true"], "model.arch=mlp (MTBC's actor) takes no trajectory prompt"),

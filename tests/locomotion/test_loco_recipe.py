@@ -25,7 +25,7 @@ FAMILIES = {"cheetah_vel": (["prompt_dt", "harmodt_f"], ["cheetah_vel-2"]),
 def test_family_smoke_scored_by_return(family, tmp_path):
     methods, unseen = FAMILIES[family]
     run("-m", "recipe=harmodt", "debug=smoke", f"data={family}", f"method={','.join(methods)}",
-        f"data_root={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'runs'}")
+        f"data_root={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'runs'}", "eval.voting_sweep=[0.5,0.4]")
     seen = set()
     for d in finished_runs(tmp_path / "runs"):
         r = check_contract(d, "harmodt")
@@ -49,6 +49,16 @@ def test_family_smoke_scored_by_return(family, tmp_path):
         on = sum(int((m.sum(0) > 0.5 * m.shape[0]).sum()) for m in masks.values())
         assert u["voting_density"] == pytest.approx(on / sum(m[0].numel() for m in masks.values()))
         assert (u["voting_density"] == 1.0) == (r["method"] == "prompt_dt")
+        # eval.voting_sweep: 0.5 again plays the same mask on the same goals; 0.4 (more than 0.8 of 2 tasks)
+        # is the union of the two masks
+        again, union = u["sweep"]
+        assert again["voting_threshold"] == 0.5 and again["per_task"] == u["per_task"]
+        on = sum(int((m.sum(0) > 0.4 * m.shape[0]).sum()) for m in masks.values())
+        assert union["voting_density"] == pytest.approx(on / sum(m[0].numel() for m in masks.values()))
+        assert union["voting_density"] >= u["voting_density"]
+        assert r["mean"]["unseen_return"] == u["mean_return"] and r["mean"]["unseen_density"] == u["voting_density"]
+        assert r["mean"]["unseen_return@0.4"] == union["mean_return"]
+        assert r["mean"]["unseen_density@0.4"] == union["voting_density"]
     assert seen == set(methods)
 
 

@@ -9,8 +9,15 @@ measured interleaved in the same process, so the ratio holds up on a shared, noi
 
 from __future__ import annotations
 
+import gc
+import os
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:  # not Unix: no memory figures
+    resource = None
 
 import torch
 from torch import nn
@@ -246,18 +253,40 @@ def masked_step(d_model: int = 128, n_layer: int = 6, batch: int = 8, seq: int =
                             include=GENERIC_TARGETS[0], exclude=GENERIC_TARGETS[1], **kw)}
 
 
+def _rss_mb() -> float | None:
+    """This process's resident memory now, MiB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _max_rss_mb() -> float:
+    """The process's resident-memory high-water mark since it started, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, grad_batches=1, alpha=100,
                      update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0,
-                     device="cpu", diagnostics_rounds=0) -> dict:
+                     device="cpu", diagnostics_rounds=0, float_cache="all") -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
     masked training step, and amortised over ``update_every`` steps as a % of training time.
 
     ``diagnostics_rounds`` > 0 also measures what the update's diagnostics cost (``MaskUpdater``'s
     ``diagnostics``, tracked as the recipes track them): that many rounds, each one update with
     and one without them on copies of the same model, masks and optimizer (order alternating);
-    medians and their ratio."""
+    medians and their ratio.
+
+    Memory (CPU, Linux): the resident memory before the update and the process's high-water mark
+    after it; ``update_peak_above_mb`` is their difference, the update's transient peak above the
+    trained state (exact when nothing earlier in the process went higher, which
+    ``max_rss_before_mb`` shows). ``float_cache`` is ``MaskSet.float_cache``; ``float_cache_mb`` what
+    its float masks hold after the timed steps. Run it in a fresh process per setting."""
     device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
+    masks.float_cache = float_cache
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)
     upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery)
@@ -274,15 +303,24 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
         t0 = now()
         step(i)
         step_times.append(now() - t0)
+    gc.collect()
+    rss_before, max_before = _rss_mb(), _max_rss_mb()
+    cache_mb = masks.float_cache_bytes() / 2**20
     t0 = now()
     metrics = upd.update(update_every, model, masks, loss_fn, lambda t: batches[:grad_batches], optimizer=opt)
     t_update = now() - t0
+    max_after = _max_rss_mb()
+    params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    memory = {} if rss_before is None or resource is None or device.type != "cpu" else {
+        "model_mb": params_mb, "bool_masks_mb": sum(m.numel() for m in masks.as_dict().values()) / 2**20,
+        "float_cache": float_cache, "float_cache_mb": cache_mb, "rss_before_update_mb": rss_before,
+        "max_rss_before_mb": max_before, "update_peak_above_mb": max(0.0, max_after - rss_before)}  # the kernel's high-water mark lags by < 1 MiB
     s = statistics.median(step_times)
     cost = {}
     if diagnostics_rounds:
         cost = _diagnostics_cost(model, masks, opt, loss_fn, lambda t: batches[:grad_batches], alpha, update_every,
                                  recovery, int(diagnostics_rounds), now)
-    return cost | {
+    return cost | memory | {
         "tasks": n_tasks,
         "device": str(device),
         "grad_batches": grad_batches,

@@ -73,7 +73,7 @@ class MaskedModel:
         params = self.params if params is None else params
         names = self.masks.names
         ws = [params[n] for n in names]
-        ms = [self.masks.as_float(n, w.dtype)[group] for n, w in zip(names, ws)]
+        ms = [self.masks.float_group(n, w.dtype, group) for n, w in zip(names, ws)]
         return dict(zip(names, torch._foreach_mul(ws, ms)))
 
     def forward_group(self, group: int | None, *args, **kwargs) -> Any:
@@ -222,7 +222,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 name = self._name[id(p)]
                 entry = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if group is not None and name in self.masks.names:
-                    entry += (self.masks.as_float(name, p.dtype)[group],)
+                    entry += (self.masks.float_group(name, p.dtype, group),)
                     bucket = masked.setdefault(t, [[], [], [], [], []])
                 else:
                     bucket = dense.setdefault(t, [[], [], [], []])

@@ -116,7 +116,7 @@ class Masking:
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, tasks: list[str], generator: torch.Generator,
                  example_inputs: Any = None):
         from .apply import MaskedModel
-        from .masks import MaskSet
+        from .masks import FLOAT_CACHES, MaskSet
         from .structures import GRANULARITIES, REDUCTIONS, StructureError, build_structures
         from .targets import select_targets
         from .update import MaskUpdater, check_schedule
@@ -156,7 +156,11 @@ class Masking:
             init = (self.initializer.init_masks(shapes, len(tasks), generator) if self.structures is None
                     else self.structures.init_masks(self.initializer, len(tasks), generator))
         device = next(model.parameters()).device
-        self.masks = MaskSet({n: m.to(device) for n, m in init.items()}, tasks)
+        float_cache = OmegaConf.select(cfg, "masking.float_cache", default="all")
+        if float_cache not in FLOAT_CACHES:
+            raise ConfigError(f"masking.float_cache={float_cache!r}: expected one of {list(FLOAT_CACHES)} (all: a float "
+                              f"copy of every group's masks; group: only the group in use)")
+        self.masks = MaskSet({n: m.to(device) for n, m in init.items()}, tasks, float_cache=float_cache)
         if not self.needs_grouping:
             check_schedule(self.scheduler, self.masks, structures=self.structures)
         m = cfg.masking

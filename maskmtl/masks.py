@@ -26,6 +26,9 @@ from torch import nn
 FORMAT = "maskmtl.masks/1"
 
 
+FLOAT_CACHES = ("all", "group")  # MaskSet.float_cache
+
+
 class MaskError(ValueError):
     """Masks that do not fit the model, the tasks, or each other."""
 
@@ -145,12 +148,15 @@ class MaskSet(nn.Module):
         masks: Mapping[str, torch.Tensor],
         tasks: Sequence[str],
         task_to_group: Sequence[int] | None = None,
+        float_cache: str = "all",
     ):
         super().__init__()
         if not masks:
             raise MaskError("a MaskSet needs at least one target")
         self.tasks: list[str] = list(tasks)
         self._float_cache: dict[tuple[str, torch.dtype], tuple] = {}  # see as_float
+        self._row_cache: dict[tuple[str, torch.dtype], tuple] = {}    # see float_group
+        self.float_cache = float_cache
         t2g = list(range(len(self.tasks))) if task_to_group is None else _group_list(task_to_group)
         n_groups = validate_task_to_group(self.tasks, t2g)
         self.task_to_group: list[int] = t2g
@@ -222,6 +228,39 @@ class MaskSet(nn.Module):
             hit = (buf, buf._version, buf.to(dtype))
             self._float_cache[(name, dtype)] = hit
         return hit[2]
+
+    @property
+    def float_cache(self) -> str:
+        """What ``float_group`` keeps: ``"all"`` (one float copy of every group's masks per dtype, made
+        once per mask version: no conversion in a training step) or ``"group"`` (only the last
+        group's row per target and dtype, converted again when the group changes: N times less
+        memory, one conversion per target at each change of group)."""
+        return self._float_cache_mode
+
+    @float_cache.setter
+    def float_cache(self, mode: str) -> None:
+        if mode not in FLOAT_CACHES:
+            raise MaskError(f"float_cache={mode!r}: expected one of {list(FLOAT_CACHES)}")
+        self._float_cache_mode = mode
+        self._float_cache.clear()
+        self._row_cache.clear()
+
+    def float_group(self, name: str, dtype: torch.dtype, group: int) -> torch.Tensor:
+        """Group ``group``'s mask of target ``name`` (shape ``P``) as 0/1 of ``dtype``, cached as
+        ``float_cache`` says. The same values either way."""
+        if self._float_cache_mode == "all":
+            return self.as_float(name, dtype)[group]
+        buf = self[name]
+        hit = self._row_cache.get((name, dtype))
+        if hit is None or hit[0] is not buf or hit[1] != buf._version or hit[2] != group:
+            hit = (buf, buf._version, group, buf[group].to(dtype))
+            self._row_cache[(name, dtype)] = hit
+        return hit[3]
+
+    def float_cache_bytes(self) -> int:
+        """Bytes the float copies of the masks hold now (``as_float`` and ``float_group``)."""
+        return sum(h[-1].numel() * h[-1].element_size() for c in (self._float_cache, self._row_cache)
+                   for h in c.values())
 
     def group(self, g: int) -> dict[str, torch.Tensor]:
         """Target name -> bool mask of group ``g`` (views, shape ``P``)."""

@@ -176,3 +176,33 @@ def test_train_spec_reads_the_recipes_train_keys():
         assert spec.lr_at(spec.warmup_steps or 1) == spec.lr and spec.lr_at(10 ** 9) == spec.lr
         if spec.warmup_steps > 1:
             assert spec.lr_at(1) == pytest.approx(spec.lr / spec.warmup_steps)
+
+
+@pytest.mark.parametrize("overrides", [(), ("grouper=knn", "grouper.n_groups=2", "grouping.warmup_steps=10")],
+                         ids=["per-task", "grouped"])
+def test_float_cache_group_trains_exactly_as_all(tmp_path, overrides):
+    """masking.float_cache=group (one group's float masks, converted when the group changes) gives the
+    same weights, masks and log as the default all, through task alternation, mask updates and (grouped)
+    the regrouping that replaces the mask buffers; it holds one group's floats where all holds every
+    group's."""
+    out = {}
+    for mode in ("all", "group"):
+        r = Recipe(config(f"masking.float_cache={mode}", *overrides), tmp_path / mode)
+        assert r.masking.masks.float_cache == mode
+        r.loop.restore()
+        r.loop.train()
+        out[mode] = r
+    a, g = out["all"], out["group"]
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), g.model.parameters()))
+    assert all(torch.equal(a.masking.masks[n], g.masking.masks[n]) for n in a.masking.masks.names)
+    strip = lambda rs: [{k: v for k, v in x.items() if not k.startswith("time/")} for x in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "all")) == strip(rows(tmp_path / "group"))
+    entries = a.masking.masks.numel()
+    assert a.masking.masks.float_cache_bytes() == 4 * entries * a.masking.masks.n_groups
+    assert g.masking.masks.float_cache_bytes() == 4 * entries
+
+
+def test_float_cache_refuses_an_unknown_mode(tmp_path):
+    from maskmtl.config import ConfigError
+    with pytest.raises(ConfigError, match="masking.float_cache='rows': expected one of"):
+        Recipe(config("masking.float_cache=rows"), tmp_path)

@@ -270,7 +270,7 @@ def _max_rss_mb() -> float:
 
 def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_tasks=10, grad_batches=1, alpha=100,
                      update_every=5000, density=0.8, recovery="dense", reps=20, threads=None, seed=0,
-                     device="cpu", diagnostics_rounds=0, float_cache="all") -> dict:
+                     device="cpu", diagnostics_rounds=0, float_cache="all", update_memory="full") -> dict:
     """One full mask update for N tasks (gradients, Fisher scores, swap) as a multiple of one
     masked training step, and amortised over ``update_every`` steps as a % of training time.
 
@@ -283,13 +283,16 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
     after it; ``update_peak_above_mb`` is their difference, the update's transient peak above the
     trained state (exact when nothing earlier in the process went higher, which
     ``max_rss_before_mb`` shows). ``float_cache`` is ``MaskSet.float_cache``; ``float_cache_mb`` what
-    its float masks hold after the timed steps. Run it in a fresh process per setting."""
+    its float masks hold after the timed steps; ``update_memory`` is ``MaskUpdater.memory``. Run it in
+    a fresh process per setting."""
     device, now, batches = _start(threads, device, batches)
     model, masks = _masked_setup(make_model, include, exclude, n_tasks, density, seed, device)
     masks.float_cache = float_cache
     mm = MaskedModel(model, masks)
     opt = MaskedAdamW(model.named_parameters(), masks, lr=1e-4)
-    upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery)
+    upd = MaskUpdater(FisherScorer(), ConstantScheduler(alpha), every=update_every, recovery_gradient=recovery,
+                      memory=update_memory)
+    upd.track(masks)  # as the recipes do: the tracked diagnostics are part of the update's cost
 
     def step(i):
         opt.zero_grad(set_to_none=True)
@@ -313,7 +316,7 @@ def time_mask_update(make_model, batches, loss_fn, *, include, exclude=None, n_t
     params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     memory = {} if rss_before is None or resource is None or device.type != "cpu" else {
         "model_mb": params_mb, "bool_masks_mb": sum(m.numel() for m in masks.as_dict().values()) / 2**20,
-        "float_cache": float_cache, "float_cache_mb": cache_mb, "rss_before_update_mb": rss_before,
+        "float_cache": float_cache, "update_memory": update_memory, "float_cache_mb": cache_mb, "rss_before_update_mb": rss_before,
         "max_rss_before_mb": max_before, "update_peak_above_mb": max(0.0, max_after - rss_before)}  # the kernel's high-water mark lags by < 1 MiB
     s = statistics.median(step_times)
     cost = {}

@@ -169,7 +169,8 @@ class Masking:
                 raise ConfigError(f"masking.{key}={m[key]!r}: expected an integer >= {0 if key == 'update_every' else 1}")
         try:
             self.updater = MaskUpdater(self.scorer, self.scheduler, int(m.update_every), m.recovery_gradient,
-                                       m.recovered_state, structures=self.structures)
+                                       m.recovered_state, structures=self.structures,
+                                       memory=OmegaConf.select(cfg, "masking.update_memory", default="full"))
         except ValueError as e:
             raise ConfigError(str(e)) from e
         if not self.needs_grouping:  # grouped masks are tracked from the grouping on (the recipe calls track)

@@ -29,6 +29,7 @@ Group sums (plain HarmoDT has one task per group, and these reduce to the per-ta
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -57,6 +58,12 @@ class GroupGradients:
     task_loss: torch.Tensor  # [N]
     task_to_group: list[int]
     task_unused: dict[str, torch.Tensor] | None = None  # [N] bool: task i's loss does not use the target
+    group_ids: list[int] | None = None  # the groups the G rows are (None: 0..G-1; a slice of one group: [j])
+
+    def groups(self) -> list[int]:
+        """The group index of each row (``group_ids``, else ``0..G-1``)."""
+        n = next(iter(self.masked.values())).shape[0]
+        return list(range(n)) if self.group_ids is None else list(self.group_ids)
 
     def group_unused(self) -> dict[str, torch.Tensor] | None:
         """Target name -> ``[G]`` bool: no task of group j uses the target (``None``: every group
@@ -108,12 +115,45 @@ def estimate_gradients(
     dense = {n: torch.zeros((n_groups, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     task_loss = torch.zeros(n_tasks, dtype=torch.float64)
     used = {n: torch.zeros(n_tasks, dtype=torch.bool) for n in names}
+    one = TaskGradients(model, masks, loss_fn, batches, recovery)
+    with one.eval_mode():
+        for i in range(n_tasks):
+            j = masks.task_to_group[i]
+            masked_i, dense_i, count = one(i, out=task_masked, loss=task_loss, used=used)
+            for n in names:
+                dense[n][j].add_(dense_i[n], alpha=1.0 / count)
+            if progress is not None:
+                progress(i)
+    return _group_sums(task_masked, dense, task_loss, masks.task_to_group, {n: ~u for n, u in used.items()})
 
-    def grad_at(weights: dict[str, torch.Tensor], task: int, batch: Any) -> tuple[torch.Tensor, list]:
+
+class TaskGradients:
+    """One task's gradient estimates for the mask update, the arithmetic ``estimate_gradients``
+    and the group-at-a-time update (``MaskUpdater(memory="grouped")``) share, so both give the same
+    numbers. ``__call__(i)`` averages ḡ_i over ``batches(i)`` into ``out[n][i]`` (or a fresh [P]
+    tensor), records L_i and which targets the loss used, and returns (ḡ_i, the sum over batches of
+    the recovery gradient, the batch count). Call it inside ``eval_mode()`` (dropout off)."""
+
+    def __init__(self, model: nn.Module, masks: MaskSet, loss_fn: LossFn, batches: Batches, recovery: str):
+        self.model, self.masks, self.loss_fn, self.batches, self.recovery = model, masks, loss_fn, batches, recovery
+        self.names = masks.names
+        self.params = {n: p for n, p in model.named_parameters() if n in masks.names}
+
+    @contextmanager
+    def eval_mode(self):
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    def grad_at(self, weights: dict[str, torch.Tensor], task: int, batch: Any) -> tuple[torch.Tensor, list]:
         """Loss and its gradient w.r.t. each target (``None`` for a target the loss does not use)."""
+        names, masks, model = self.names, self.masks, self.model
         leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
         fwd = lambda *a, **k: functional_call(model, leaves, a, k)  # noqa: E731
-        loss = loss_fn(fwd, task, batch)
+        loss = self.loss_fn(fwd, task, batch)
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} for task "
                              f"{task} ({masks.tasks[task]!r})")
@@ -133,44 +173,52 @@ def estimate_gradients(
                 f"nothing to score)")
         return loss.detach(), grads
 
-    was_training = model.training
-    model.eval()  # dropout off for the estimates
-    try:
-        for i in range(n_tasks):
-            j = masks.task_to_group[i]
-            m = masks.group(j)
-            dense_i = {n: torch.zeros_like(params[n]) for n in names}
-            count = 0
-            for batch in batches(i):
-                count += 1
-                with torch.no_grad():
-                    w = {n: torch.where(m[n], params[n], 0.0) for n in names}
-                loss, grads = grad_at(w, i, batch)
-                task_loss[i] += loss.double().cpu()
-                for n, gr in zip(names, grads):
-                    if gr is None:  # unused by this task's loss: a zero gradient
-                        continue
+    def __call__(self, i: int, *, out: dict[str, torch.Tensor] | None = None, loss: torch.Tensor | None = None,
+                 used: dict[str, torch.Tensor] | None = None, dense: bool = True):
+        names, params, masks = self.names, self.params, self.masks
+        m = masks.group(masks.task_to_group[i])
+        masked_i = ({n: out[n][i] for n in names} if out is not None
+                    else {n: torch.zeros_like(params[n]) for n in names})
+        dense_i = {n: torch.zeros_like(params[n]) for n in names}
+        count = 0
+        for batch in self.batches(i):
+            count += 1
+            with torch.no_grad():
+                w = {n: torch.where(m[n], params[n], 0.0) for n in names}
+            loss_b, grads = self.grad_at(w, i, batch)
+            if loss is not None:
+                loss[i] += loss_b.double().cpu()
+            for n, gr in zip(names, grads):
+                if gr is None:  # unused by this task's loss: a zero gradient
+                    continue
+                if used is not None:
                     used[n][i] = True
-                    task_masked[n][i].add_(torch.where(m[n], gr, 0.0))
-                    if recovery == "masked_point":
-                        dense_i[n].add_(gr)
-                if recovery == "dense":
-                    _, dgrads = grad_at({n: params[n] for n in names}, i, batch)
-                    for n, gr in zip(names, dgrads):
-                        if gr is not None:
+                masked_i[n].add_(torch.where(m[n], gr, 0.0))
+                if self.recovery == "masked_point" and dense:
+                    dense_i[n].add_(gr)
+            if self.recovery == "dense" and dense:
+                _, dgrads = self.grad_at({n: params[n] for n in names}, i, batch)
+                for n, gr in zip(names, dgrads):
+                    if gr is not None:
+                        if used is not None:
                             used[n][i] = True
-                            dense_i[n].add_(gr)
-            if count == 0:
-                raise ValueError(f"batches({i}) yielded no batch for task {masks.tasks[i]!r}")
-            task_loss[i] /= count
-            for n in names:
-                task_masked[n][i].div_(count)
-                dense[n][j].add_(dense_i[n], alpha=1.0 / count)
-            if progress is not None:
-                progress(i)
-    finally:
-        model.train(was_training)
-    return _group_sums(task_masked, dense, task_loss, masks.task_to_group, {n: ~u for n, u in used.items()})
+                        dense_i[n].add_(gr)
+        if count == 0:
+            raise ValueError(f"batches({i}) yielded no batch for task {masks.tasks[i]!r}")
+        if loss is not None:
+            loss[i] /= count
+        for n in names:
+            masked_i[n].div_(count)
+        return masked_i, dense_i, count
+
+
+def group_order_sum(rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ of ``rows`` added one after another in the given order (the mean gradient ĝ's sum over
+    groups: the full and the group-at-a-time update add in the same order, so they agree exactly)."""
+    acc = None
+    for r in rows:
+        acc = r.clone() if acc is None else acc.add_(r)
+    return acc
 
 
 def _group_sums(task_masked, dense, task_loss, task_to_group, task_unused=None):
@@ -184,7 +232,7 @@ def _group_sums(task_masked, dense, task_loss, task_to_group, task_unused=None):
             s = torch.zeros((n_groups, *t.shape[1:]), dtype=t.dtype, device=t.device)
             masked[n] = s.index_add_(0, idx.to(t.device), t)
     loss = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, idx, task_loss)
-    mean = {n: t.sum(dim=0) / n_groups for n, t in masked.items()}
+    mean = {n: group_order_sum(t.unbind(0)) / n_groups for n, t in masked.items()}
     return GroupGradients(masked=masked, dense=dense, loss=loss, mean=mean, task_masked=task_masked,
                           task_loss=task_loss, task_to_group=list(task_to_group), task_unused=task_unused)
 
@@ -197,6 +245,12 @@ def harmony(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> float:
     ``masks`` are the masks the gradients were taken with. Targets a task's loss does not use
     (``grads.task_unused``) are left out of that task's average.
     """
+    total, count = harmony_terms(grads, masks)
+    return float((total / count.clamp_min(1)).mean())
+
+
+def harmony_terms(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task (``[N]`` float64): Σ of sign(ḡ_i ĝ) over the entries its mask keeps, and their count."""
     n_tasks = grads.task_loss.numel()
     total = torch.zeros(n_tasks, dtype=torch.float64)
     count = torch.zeros(n_tasks, dtype=torch.float64)
@@ -208,4 +262,4 @@ def harmony(grads: GroupGradients, masks: dict[str, torch.Tensor]) -> float:
         s = torch.sign(tm * grads.mean[n]) * m
         total += s.reshape(n_tasks, -1).sum(dim=1).double().cpu()
         count += m.reshape(n_tasks, -1).sum(dim=1).double().cpu()
-    return float((total / count.clamp_min(1)).mean())
+    return total, count

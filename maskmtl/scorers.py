@@ -227,19 +227,20 @@ class RandomScorer:
         state = np.random.SeedSequence([self.seed, self.step, int(group), int(kind)]).generate_state(2, dtype=np.uint64)
         return torch.Generator().manual_seed(int(state[0]) & ((1 << 63) - 1))
 
-    def _scores(self, like: Mapping[str, torch.Tensor], kind: int) -> dict[str, torch.Tensor]:
+    def _scores(self, like: Mapping[str, torch.Tensor], kind: int, groups: list[int]) -> dict[str, torch.Tensor]:
+        """Row r of the scores is group ``groups[r]``'s draw (a one-group slice of the group-at-a-time
+        update draws what the full update draws for that group)."""
         names = list(like)
         sizes = [like[n][0].numel() for n in names]
-        n_groups = like[names[0]].shape[0]
         out = {n: torch.empty(like[n].shape, dtype=torch.float64, device=like[n].device) for n in names}
-        for g in range(n_groups):
+        for row, g in enumerate(groups):
             perm = torch.randperm(sum(sizes), generator=self.generator(g, kind)).add_(1).double()
             for n, part in zip(names, perm.split(sizes)):
-                out[n][g] = part.reshape(like[n].shape[1:]).to(like[n].device)
+                out[n][row] = part.reshape(like[n].shape[1:]).to(like[n].device)
         return out
 
     def drop_scores(self, grads, params, masks):
-        return self._scores(masks, self.DROP)
+        return self._scores(masks, self.DROP, grads.groups())
 
     def grow_scores(self, grads):
-        return self._scores(grads.dense, self.GROW)
+        return self._scores(grads.dense, self.GROW, grads.groups())

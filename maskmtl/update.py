@@ -17,13 +17,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .gradients import RECOVERY_GRADIENTS, Batches, LossFn, estimate_gradients, harmony, unused_by_group
+from .gradients import (RECOVERY_GRADIENTS, Batches, GroupGradients, LossFn, TaskGradients, estimate_gradients,
+                        group_order_sum, harmony, harmony_terms, unused_by_group)
 from .interfaces import Scheduler, Scorer, StepAwareScorer, TermScorer
 from .masks import MaskSet
 from .selection import MaskUpdateError, SwapResult, masks_from_scores, swap  # noqa: F401  (re-exported)
 from .structures import StructureMap
 
 RECOVERED_STATE = ("reset_dormant", "keep")
+UPDATE_MEMORY = ("full", "grouped")
 
 
 def check_schedule(scheduler: Scheduler, masks: MaskSet, key: str = "scheduler",
@@ -135,6 +137,16 @@ def _set_matrix(groups: torch.Tensor, flat: torch.Tensor, columns: torch.Tensor,
     return out
 
 
+def _pair_jaccard(sets: torch.Tensor, n_groups: int) -> float | None:
+    """Mean over pairs of groups of the Jaccard overlap of their sets (rows of a ``[G, C]`` 0/1 matrix)."""
+    inter = sets @ sets.T
+    size = sets.sum(dim=1)
+    union = size[:, None] + size[None, :] - inter
+    i, j = torch.triu_indices(n_groups, n_groups, offset=1)
+    return _mean(torch.where(union[i, j] > 0, inter[i, j] / union[i, j].clamp_min(1), torch.tensor(float("nan"),
+                                                                                                    dtype=torch.float64)))
+
+
 def _mean(x: torch.Tensor) -> float | None:
     """Mean of the non-NaN values, ``None`` when there are none."""
     x = x[~torch.isnan(x)]
@@ -203,11 +215,7 @@ def swap_diagnostics(before: Mapping[str, torch.Tensor], after: Mapping[str, tor
         cols = torch.unique(cols)  # sorted
         now = _set_matrix(dg, df, cols, n_groups)
         if n_groups > 1:
-            inter = now @ now.T
-            size = now.sum(dim=1)
-            union = size[:, None] + size[None, :] - inter
-            i, j = torch.triu_indices(n_groups, n_groups, offset=1)
-            out["mask/drop_jaccard_groups"] = ratio(inter[i, j], union[i, j])
+            out["mask/drop_jaccard_groups"] = _pair_jaccard(now, n_groups)
         if last_dropped is not None:
             prev = _set_matrix(lg, lf, cols, n_groups)
             inter = (now * prev).sum(dim=1)
@@ -238,6 +246,12 @@ class MaskUpdater:
         diagnostics: add ``swap_diagnostics``' metrics (what the update changed, ties, which
             score term decides, drop-set overlaps) to what ``update`` returns. They reuse the
             update's gradients and scores: no extra backward pass.
+        memory: ``"full"`` estimates every task's gradients, then scores and swaps every group
+            at once (buffers of ``[N, P]`` and ``[G, P]`` floats: ~1 GB at N = 50, P = 1.2 M).
+            ``"grouped"`` first sums the masked gradients into ĝ (one ``[P]`` buffer), then
+            estimates, scores and swaps one group at a time, recomputing its tasks' masked
+            gradients: the same masks (exactly, on the CPU) and metrics, buffers of a few ``[P]``
+            per group's task, at one more masked backward per batch. Element masks only.
 
     Diagnostics that compare with earlier updates (changes since the initial masks, overlap with
     the previous update's drop sets) need state that a resumed run must get back, so they are
@@ -254,6 +268,7 @@ class MaskUpdater:
     recovered_state: str = "reset_dormant"
     structures: StructureMap | None = None
     diagnostics: bool = True
+    memory: str = "full"
 
     def __post_init__(self):
         if self.every < 0:
@@ -264,6 +279,11 @@ class MaskUpdater:
             raise ValueError(f"masking.recovered_state must be one of {RECOVERED_STATE}, got {self.recovered_state!r}")
         if not isinstance(self.diagnostics, bool):
             raise ValueError(f"diagnostics must be a bool, got {self.diagnostics!r}")
+        if self.memory not in UPDATE_MEMORY:
+            raise ValueError(f"masking.update_memory must be one of {UPDATE_MEMORY}, got {self.memory!r}")
+        if self.memory == "grouped" and self.structures is not None:
+            raise ValueError("masking.update_memory=grouped swaps element masks only; with masking.granularity="
+                             "unit|head use masking.update_memory=full")
         self._initial: dict[str, torch.Tensor] | None = None
         self._last_dropped: dict[str, torch.Tensor] | None = None
 
@@ -319,6 +339,8 @@ class MaskUpdater:
     def update(self, step: int, model: nn.Module, masks: MaskSet, loss_fn: LossFn, batches: Batches,
                optimizer: Any = None, progress=None) -> dict[str, float]:
         """Update ``masks`` in place; returns ``mask/…`` metrics."""
+        if self.memory == "grouped":
+            return self._update_grouped(step, model, masks, loss_fn, batches, optimizer, progress)
         t0 = time.perf_counter()
         alpha = self.scheduler.alpha(step)
         grads = estimate_gradients(model, masks, loss_fn, batches, recovery=self.recovery_gradient, progress=progress)
@@ -359,6 +381,137 @@ class MaskUpdater:
             "mask/harmony": h,
             "mask/density_mean": float(dens.mean()),
             "mask/swapped": float(2 * result.alpha * masks.n_groups),  # entries, or structures if structured
+            "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
+            "mask/optimizer_entries_reset": float(n_reset),
+        }
+        if diag is not None:
+            out.update(diag)
+            out["time/mask_diagnostics_s"] = t_diag
+        out["time/mask_update_s"] = time.perf_counter() - t0
+        out["time/mask_gradients_s"] = t_grad
+        return out
+
+
+    def _update_grouped(self, step, model, masks, loss_fn, batches, optimizer, progress) -> dict[str, float]:
+        """``update`` one group at a time (``memory="grouped"``): the arithmetic of the full update
+        (``TaskGradients``, sums in the same order, the same scorer and swap on one group's row),
+        so the masks come out the same."""
+        t0 = time.perf_counter()
+        alpha = self.scheduler.alpha(step)
+        names, t2g, n_groups = masks.names, list(masks.task_to_group), masks.n_groups
+        members = [[i for i, g in enumerate(t2g) if g == j] for j in range(n_groups)]
+        single = all(len(m) == 1 for m in members)
+        one = TaskGradients(model, masks, loss_fn, batches, self.recovery_gradient)
+        params = {n: p.detach() for n, p in model.named_parameters() if n in masks.names}
+        task_loss = torch.zeros(masks.n_tasks, dtype=torch.float64)
+
+        def group_sum(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            if single:  # the full update's masked[j] is task j's row itself
+                return rows[0]
+            return {n: group_order_sum([torch.zeros_like(rows[0][n]), *(r[n] for r in rows)]) for n in names}
+
+        # pass 1: ĝ = (1/G) Σ_j Σ_{i∈G_j} ḡ_i, group by group
+        with one.eval_mode():
+            sums = None
+            for j in range(n_groups):
+                g_j = group_sum([one(i, loss=task_loss, dense=False)[0] for i in members[j]])
+                sums = {n: t.clone() for n, t in g_j.items()} if sums is None else \
+                    {n: sums[n].add_(g_j[n]) for n in names}
+            mean = {n: sums[n] / n_groups for n in names}
+        del sums
+        t_grad = time.perf_counter() - t0
+        before = masks.as_dict()  # views: the rows are read before set_masks below
+        if isinstance(self.scorer, StepAwareScorer):
+            self.scorer.begin_update(step)
+        initial, last = self._tracked(before) if self.diagnostics else (None, None)
+        new = {n: m.clone() for n, m in before.items()}
+        dropped_all = {n: torch.zeros_like(m) for n, m in before.items()} if self.tracking and self.diagnostics \
+            else None
+        h_total = torch.zeros(masks.n_tasks, dtype=torch.float64)
+        h_count = torch.zeros(masks.n_tasks, dtype=torch.float64)
+        diags: list[dict[str, float]] = []
+        drop_rows, drop_flat = [], []
+        swapped_alpha, t_diag = 0, 0.0
+        # pass 2: each group's gradients, scores and swap
+        for j in range(n_groups):
+            t1 = time.perf_counter()
+            used = {n: torch.zeros(masks.n_tasks, dtype=torch.bool) for n in names}
+            rows, dense = [], {n: torch.zeros_like(params[n]) for n in names}
+            with one.eval_mode():
+                for i in members[j]:
+                    masked_i, dense_i, count = one(i, used=used)
+                    rows.append(masked_i)
+                    for n in names:
+                        dense[n].add_(dense_i[n], alpha=1.0 / count)
+                    if progress is not None:
+                        progress(i)
+            t_grad += time.perf_counter() - t1
+            idx = members[j]
+            g_j = group_sum(rows)
+            loss_j = torch.zeros(1, dtype=torch.float64).index_add_(0, torch.zeros(len(idx), dtype=torch.long),
+                                                                     task_loss[idx])
+            grads = GroupGradients(masked={n: g_j[n][None] for n in names}, dense={n: dense[n][None] for n in names},
+                                   loss=loss_j, mean=mean,
+                                   task_masked={n: torch.stack([r[n] for r in rows]) for n in names},
+                                   task_loss=task_loss[idx], task_to_group=[0] * len(idx),
+                                   task_unused={n: ~used[n][idx] for n in names}, group_ids=[j])
+            before_j = {n: before[n][j:j + 1] for n in names}
+            terms = None
+            if self.diagnostics and isinstance(self.scorer, TermScorer):
+                drop, terms = self.scorer.drop_scores_and_terms(grads, params, before_j)
+            else:
+                drop = self.scorer.drop_scores(grads, params, before_j)
+            grow = self.scorer.grow_scores(grads)
+            try:
+                result = swap(before_j, drop, grow, alpha, unused=unused_entries(grads.group_unused(), before_j))
+            except MaskUpdateError as e:  # its messages count groups of the slice
+                raise MaskUpdateError(str(e).replace("group 0:", f"group {j}:", 1)) from e
+            swapped_alpha = result.alpha
+            tot, cnt = harmony_terms(grads, before_j)
+            h_total[idx], h_count[idx] = tot, cnt
+            for n in names:
+                new[n][j] = result.masks[n][0]
+            if self.diagnostics:
+                t1 = time.perf_counter()
+                init_j = None if initial is None else {n: initial[n][j:j + 1] for n in names}
+                last_j = None if last is None else {n: last[n][j:j + 1] for n in names}
+                diags.append(swap_diagnostics(before_j, result.masks, result.dropped, result.recovered, drop, grow,
+                                              grads.masked, grads.dense, terms=terms, initial=init_j,
+                                              last_dropped=last_j))
+                _, flat, _ = _entries(result.dropped, names)
+                drop_rows.append(torch.full_like(flat, j))
+                drop_flat.append(flat)
+                if dropped_all is not None:
+                    for n in names:
+                        dropped_all[n][j] = result.dropped[n][0]
+                t_diag += time.perf_counter() - t1
+        h = float((h_total / h_count.clamp_min(1)).mean())
+        revived = {n: new[n].any(dim=0) & ~before[n].any(dim=0) for n in names}
+        diag = None
+        if self.diagnostics:
+            t1 = time.perf_counter()
+            diag = {}
+            for key in dict.fromkeys(k for d in diags for k in d):  # mean over the groups that define it
+                vals = torch.tensor([d[key] for d in diags if key in d], dtype=torch.float64)
+                diag[key] = float(vals.mean())
+            if n_groups > 1:
+                dg, df = torch.cat(drop_rows).cpu(), torch.cat(drop_flat).cpu()
+                cols = torch.unique(df)
+                jac = _pair_jaccard(_set_matrix(dg, df, cols, n_groups), n_groups)
+                if jac is not None:
+                    diag["mask/drop_jaccard_groups"] = jac
+            if dropped_all is not None:
+                self._last_dropped = dropped_all
+            t_diag += time.perf_counter() - t1
+        masks.set_masks(new)
+        n_reset = 0
+        if optimizer is not None and self.recovered_state == "reset_dormant":
+            n_reset = optimizer.reset_entries(revived)
+        out = {
+            "mask/alpha": float(alpha),
+            "mask/harmony": h,
+            "mask/density_mean": float(masks.density().mean()),
+            "mask/swapped": float(2 * swapped_alpha * n_groups),
             "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
             "mask/optimizer_entries_reset": float(n_reset),
         }

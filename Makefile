@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # The CPU wheel is taken only when no torch is importable: a GPU user's CUDA build is left alone.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install run test bench
+.PHONY: install run test bench gpu-data
 
 .stamp-install: pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
@@ -22,3 +22,7 @@ test: .stamp-install
 
 bench: .stamp-install
 	$(PYTHON) tools/bench.py masked-step
+
+# The data of tools/gpu_evidence.sh (MT10, 100 episodes per task), made on a CPU before a GPU is borrowed.
+gpu-data: .stamp-install
+	$(PYTHON) tools/run.py recipe=make_data data=mt10_near

@@ -205,3 +205,20 @@ def test_groups_a_method_sets_are_neither_rows_nor_columns(tmp_path):
     fake_run(tmp_path / "6", {"method": "harmodt_f", "scheduler": "constant"}, 2, [0.5] * 3, {100: [0.5] * 3})
     runs, _, _ = report.load_runs(tmp_path)
     assert report.default_keys(runs, None, None) == (["method", "scheduler"], ["tasks"])
+
+
+def test_a_metric_some_runs_lack_leaves_them_out_with_a_warning(tmp_path, capsys):
+    """--metric unseen_return over a sweep where MTDT evaluated no unseen task: the runs that have it
+    make the table, the others are named in a warning; a metric no run has stays an error."""
+    for i, (method, extra) in enumerate((("prompt_dt", {"unseen_return": -100.0}), ("prompt_dt", {"unseen_return": -90.0}),
+                                         ("mtdt", {}))):
+        fake_run(tmp_path / str(i), {"method": method}, i, [0.5, 0.5, 0.5], {100: [0.5, 0.5, 0.5]})
+        r = json.loads((tmp_path / str(i) / "results.json").read_text())
+        r["mean"].update(extra)
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    assert report.main([str(tmp_path), "--metric", "unseen_return", "--out", str(tmp_path / "rep")]) == 0
+    md = only("report_*.md", tmp_path / "rep").read_text().replace("\n", "")
+    assert "2/results.json has no metric 'unseen_return'" in md and "left out" in md
+    rows = read_csv(only("report_*.csv", tmp_path / "rep"))
+    assert [(row["method"], row["n"], float(row["mean"])) for row in rows] == [("prompt_dt", "2", -95.0)]
+    assert report.main([str(tmp_path), "--metric", "f1", "--out", str(tmp_path / "rep2")]) == 1

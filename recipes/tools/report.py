@@ -39,8 +39,9 @@ run's curve (a partial run, whose log is all it has, is left out); each is a war
 file (and line) in the notes under the table. A truncated last line of ``metrics.jsonl`` (a job
 still writing) is skipped silently. Errors (one line on stderr, nothing written): status 2 for
 a malformed command line (argparse), 1 for a SWEEP that is missing or holds no usable run,
-``--rows``/``--cols``/``--metric``/``--baseline`` naming what the runs do not have, or a report file
-that exists.
+``--rows``/``--cols``/``--metric``/``--baseline`` naming what the runs do not have (a ``--metric`` that
+some finished runs have leaves the others out, with a warning each: e.g. ``unseen_return``, which
+runs without unseen tasks lack), or a report file that exists.
 """
 
 from __future__ import annotations
@@ -278,9 +279,10 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
         run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve_of(rows, tasks, metric))
         if results is not None:
             if metric not in results["mean"]:
-                if requested:
+                if requested and not any(r is not None and metric in r["mean"] for _, r in raw):
                     raise ReportError(f"--metric: {d / 'results.json'} has no metric {metric!r} "
                                       f"(it has {sorted(results['mean'])})")
+                # some runs have it (e.g. unseen_return: MTDT evaluates no unseen task): leave this one out
                 warnings.append(f"{d / 'results.json'} has no metric {metric!r} (it has {sorted(results['mean'])}): "
                                 f"left out")
                 continue
@@ -299,7 +301,7 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
             run.value = run.curve[run.step]
         else:
             logged = _logged_metrics(rows)
-            if requested and logged:
+            if requested and logged and not any(r is not None and metric in r["mean"] for _, r in raw):
                 raise ReportError(f"--metric: {d / 'metrics.jsonl'} logs no metric {metric!r} "
                                   f"(it logs {sorted(logged)})")
             warnings.append(f"{d}: no results.json and no evaluation of {metric} logged yet: left out")
@@ -591,7 +593,10 @@ def curves_png(cells: list[dict], metric: str, ci: str = "t", baseline: dict[str
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.2)
         ax.set(xlabel="step", ylabel=f"{metric} (mean over tasks)", title=_fit(col))
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # a run-level metric (e.g. unseen_return) has no curve over steps
+            ax.text(0.5, 0.5, f"no per-step curve of {metric}", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
 
 

@@ -207,7 +207,7 @@ def test_groups_a_method_sets_are_neither_rows_nor_columns(tmp_path):
     assert report.default_keys(runs, None, None) == (["method", "scheduler"], ["tasks"])
 
 
-def test_a_metric_some_runs_lack_leaves_them_out_with_a_warning(tmp_path, capsys):
+def test_a_metric_some_runs_lack_leaves_them_out_with_a_warning(tmp_path):
     """--metric unseen_return over a sweep where MTDT evaluated no unseen task: the runs that have it
     make the table, the others are named in a warning; a metric no run has stays an error."""
     for i, (method, extra) in enumerate((("prompt_dt", {"unseen_return": -100.0}), ("prompt_dt", {"unseen_return": -90.0}),

@@ -395,7 +395,7 @@ class MaskUpdater:
     def _update_grouped(self, step, model, masks, loss_fn, batches, optimizer, progress) -> dict[str, float]:
         """``update`` one group at a time (``memory="grouped"``): the arithmetic of the full update
         (``TaskGradients``, sums in the same order, the same scorer and swap on one group's row),
-        so the masks come out the same."""
+        so the masks come out the same. ``progress`` is called after each task of the second pass."""
         t0 = time.perf_counter()
         alpha = self.scheduler.alpha(step)
         names, t2g, n_groups = masks.names, list(masks.task_to_group), masks.n_groups

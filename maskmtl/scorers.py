@@ -227,10 +227,13 @@ class RandomScorer:
         state = np.random.SeedSequence([self.seed, self.step, int(group), int(kind)]).generate_state(2, dtype=np.uint64)
         return torch.Generator().manual_seed(int(state[0]) & ((1 << 63) - 1))
 
-    def _scores(self, like: Mapping[str, torch.Tensor], kind: int, groups: list[int]) -> dict[str, torch.Tensor]:
-        """Row r of the scores is group ``groups[r]``'s draw (a one-group slice of the group-at-a-time
-        update draws what the full update draws for that group)."""
+    def _scores(self, like: Mapping[str, torch.Tensor], kind: int,
+                groups: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Row r of the scores is group ``groups[r]``'s draw (default: row r is group r; a one-group
+        slice of the group-at-a-time update draws what the full update draws for that group)."""
         names = list(like)
+        if groups is None:
+            groups = list(range(like[names[0]].shape[0]))
         sizes = [like[n][0].numel() for n in names]
         out = {n: torch.empty(like[n].shape, dtype=torch.float64, device=like[n].device) for n in names}
         for row, g in enumerate(groups):
@@ -240,7 +243,14 @@ class RandomScorer:
         return out
 
     def drop_scores(self, grads, params, masks):
-        return self._scores(masks, self.DROP, grads.groups())
+        return self._scores(masks, self.DROP, _row_groups(grads))
 
     def grow_scores(self, grads):
-        return self._scores(grads.dense, self.GROW, grads.groups())
+        return self._scores(grads.dense, self.GROW, _row_groups(grads))
+
+
+def _row_groups(grads) -> list[int] | None:
+    """The groups ``grads``' rows are (``GroupGradients.groups``); None (row r = group r) for gradient
+    records without that method."""
+    groups = getattr(grads, "groups", None)
+    return groups() if callable(groups) else None

@@ -349,12 +349,7 @@ class MaskUpdater:
         before = masks.as_dict()  # views: read before set_masks below
         if isinstance(self.scorer, StepAwareScorer):
             self.scorer.begin_update(step)
-        terms = None
-        if self.diagnostics and isinstance(self.scorer, TermScorer):
-            drop, terms = self.scorer.drop_scores_and_terms(grads, params, before)
-        else:
-            drop = self.scorer.drop_scores(grads, params, before)
-        grow = self.scorer.grow_scores(grads)
+        drop, grow, terms = self._scores(grads, params, before)
         unused = unused_entries(grads.group_unused(), before)
         if self.structures is None:
             result = swap(before, drop, grow, alpha, unused=unused)
@@ -371,16 +366,23 @@ class MaskUpdater:
             if self.tracking:
                 self._last_dropped = {n: t.detach().clone() for n, t in result.dropped.items()}
             t_diag = time.perf_counter() - t1
-        masks.set_masks(result.masks)
+        return self._apply(masks, result.masks, revived, optimizer, alpha=alpha, harmony=h, swapped=result.alpha,
+                           diag=diag, t_diag=t_diag, t0=t0, t_grad=t_grad)
+
+    def _apply(self, masks: MaskSet, new: Mapping[str, torch.Tensor], revived: Mapping[str, torch.Tensor],
+               optimizer: Any, *, alpha: int, harmony: float, swapped: int, diag: dict | None, t_diag: float,
+               t0: float, t_grad: float) -> dict[str, float]:
+        """The end of both updates: write the new masks, reset the revived entries' optimizer state,
+        and the metrics (``swapped``: α per group, in entries or structures)."""
+        masks.set_masks(new)
         n_reset = 0
         if optimizer is not None and self.recovered_state == "reset_dormant":
             n_reset = optimizer.reset_entries(revived)
-        dens = masks.density()
         out = {
             "mask/alpha": float(alpha),
-            "mask/harmony": h,
-            "mask/density_mean": float(dens.mean()),
-            "mask/swapped": float(2 * result.alpha * masks.n_groups),  # entries, or structures if structured
+            "mask/harmony": harmony,
+            "mask/density_mean": float(masks.density().mean()),
+            "mask/swapped": float(2 * swapped * masks.n_groups),  # entries, or structures if structured
             "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
             "mask/optimizer_entries_reset": float(n_reset),
         }
@@ -391,6 +393,14 @@ class MaskUpdater:
         out["time/mask_gradients_s"] = t_grad
         return out
 
+    def _scores(self, grads: GroupGradients, params, before) -> tuple[dict, dict, tuple | None]:
+        """Drop and recovery scores, and the drop score's terms when the diagnostics read them."""
+        terms = None
+        if self.diagnostics and isinstance(self.scorer, TermScorer):
+            drop, terms = self.scorer.drop_scores_and_terms(grads, params, before)
+        else:
+            drop = self.scorer.drop_scores(grads, params, before)
+        return drop, self.scorer.grow_scores(grads), terms
 
     def _update_grouped(self, step, model, masks, loss_fn, batches, optimizer, progress) -> dict[str, float]:
         """``update`` one group at a time (``memory="grouped"``): the arithmetic of the full update
@@ -456,12 +466,7 @@ class MaskUpdater:
                                    task_loss=task_loss[idx], task_to_group=[0] * len(idx),
                                    task_unused={n: ~used[n][idx] for n in names}, group_ids=[j])
             before_j = {n: before[n][j:j + 1] for n in names}
-            terms = None
-            if self.diagnostics and isinstance(self.scorer, TermScorer):
-                drop, terms = self.scorer.drop_scores_and_terms(grads, params, before_j)
-            else:
-                drop = self.scorer.drop_scores(grads, params, before_j)
-            grow = self.scorer.grow_scores(grads)
+            drop, grow, terms = self._scores(grads, params, before_j)
             try:
                 result = swap(before_j, drop, grow, alpha, unused=unused_entries(grads.group_unused(), before_j))
             except MaskUpdateError as e:  # its messages count groups of the slice
@@ -503,24 +508,8 @@ class MaskUpdater:
             if dropped_all is not None:
                 self._last_dropped = dropped_all
             t_diag += time.perf_counter() - t1
-        masks.set_masks(new)
-        n_reset = 0
-        if optimizer is not None and self.recovered_state == "reset_dormant":
-            n_reset = optimizer.reset_entries(revived)
-        out = {
-            "mask/alpha": float(alpha),
-            "mask/harmony": h,
-            "mask/density_mean": float(masks.density().mean()),
-            "mask/swapped": float(2 * swapped_alpha * n_groups),
-            "mask/revived": float(sum(int(r.sum()) for r in revived.values())),
-            "mask/optimizer_entries_reset": float(n_reset),
-        }
-        if diag is not None:
-            out.update(diag)
-            out["time/mask_diagnostics_s"] = t_diag
-        out["time/mask_update_s"] = time.perf_counter() - t0
-        out["time/mask_gradients_s"] = t_grad
-        return out
+        return self._apply(masks, new, revived, optimizer, alpha=alpha, harmony=h, swapped=swapped_alpha, diag=diag,
+                           t_diag=t_diag, t0=t0, t_grad=t_grad)
 
 
 def group_tasks(model: nn.Module, masks: MaskSet, scorer: Scorer, grouper: Any, loss_fn: LossFn,

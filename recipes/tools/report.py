@@ -258,6 +258,7 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
         return [], metric or "", warnings
     requested = metric
     metric = metric_name(raw, metric)
+    some_have_it = any(r is not None and metric in r["mean"] for _, r in raw)  # finished runs with the metric
     runs = []
     for d, results in raw:
         try:
@@ -279,7 +280,7 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
         run = Run(d, factors, seed, tasks, complete=results is not None, curve=_curve_of(rows, tasks, metric))
         if results is not None:
             if metric not in results["mean"]:
-                if requested and not any(r is not None and metric in r["mean"] for _, r in raw):
+                if requested and not some_have_it:
                     raise ReportError(f"--metric: {d / 'results.json'} has no metric {metric!r} "
                                       f"(it has {sorted(results['mean'])})")
                 # some runs have it (e.g. unseen_return: MTDT evaluates no unseen task): leave this one out
@@ -301,7 +302,7 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str, l
             run.value = run.curve[run.step]
         else:
             logged = _logged_metrics(rows)
-            if requested and logged and not any(r is not None and metric in r["mean"] for _, r in raw):
+            if requested and logged and not some_have_it:
                 raise ReportError(f"--metric: {d / 'metrics.jsonl'} logs no metric {metric!r} "
                                   f"(it logs {sorted(logged)})")
             warnings.append(f"{d}: no results.json and no evaluation of {metric} logged yet: left out")

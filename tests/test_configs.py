@@ -83,12 +83,10 @@ def test_harmodt_overlays_compose(overlay, option):
     cfg = compose_cfg("recipe=harmodt", f"{overlay}={option}")
     if overlay == "method":
         assert cfg.method_name == option
-        arch = {"mtbc": "mlp", "mtbc_harmodt_f": "mlp", "mgdt": "mgdt", "mgdt_harmodt_f": "mgdt", "mtiql": "iql",
-                "mtiql_harmodt_f": "iql"}.get(option, "dt")
+        arch = {"mtbc": "mlp", "mgdt": "mgdt", "mtiql": "iql"}.get(option.split("_")[0], "dt")
         assert cfg.model.arch == arch
         # task id, no prompt (MTDT's family, MTBC's and MTIQL's actors); MGDT has neither
-        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad", "ta_mtdt", "ta_mtdt_gating", "mtbc",
-                          "mtbc_harmodt_f", "mtiql", "mtiql_harmodt_f")
+        mtdt = option in ("mtdt", "mtdt_mean", "pcgrad", "cagrad", "ta_mtdt", "ta_mtdt_gating") or arch in ("mlp", "iql")
         assert cfg.model.task_id == mtdt and cfg.model.prompt == (not mtdt and arch != "mgdt")
         dense = option in ("prompt_dt", "mtdt", "mtdt_mean", "pcgrad", "cagrad", "mtbc", "mgdt", "mtiql", "ta_mtdt",
                            "ta_mtdt_gating", "ta_prompt_dt", "ta_prompt_dt_gating")

@@ -92,6 +92,19 @@ def test_harmodt_random_is_harmodt_f_with_random_scores():
     assert scheduler(r) == scheduler(f) and r.initializer == f.initializer
 
 
+@pytest.mark.parametrize("base", ["mtbc", "mgdt", "mtiql"])
+def test_each_baselines_control_is_its_masked_arm_with_random_scores(base):
+    """X_random differs from X_harmodt_f in its scorer (and name) only: same model, masks and schedule."""
+    f, _, _ = composed(["experiment=evidence_baselines", f"method={base}_harmodt_f"])
+    r, _, _ = composed(["experiment=evidence_baselines", f"method={base}_random"])
+    assert r.scorer._target_ == "maskmtl.scorers.RandomScorer" and r.method_name == f"{base}_random"
+    assert f.scorer._target_ == "maskmtl.scorers.FisherScorer"
+    rest = lambda c: {k: v for k, v in OmegaConf.to_container(c, resolve=True).items()  # noqa: E731
+                      if k not in ("scorer", "method_name")}
+    assert rest(r) == rest(f) and scheduler(r)["unit"] == "share"
+    assert sweep_params("evidence_baselines")["method"][2::3] == ["mtbc_random", "mgdt_random", "mtiql_random"]
+
+
 def test_evidence_mt10_sweeps_every_arm_and_seed():
     params = sweep_params("evidence_mt10")
     assert params["method"] == ["harmodt_r", "harmodt_random", "harmodt_m", "harmodt_f", "prompt_dt", "mtdt"]

@@ -407,7 +407,7 @@ def check_config(cfg: DictConfig) -> None:
     if "gate" in cfg:  # a task-agnostic method file (conf/method/ta_*, g_harmodt) sets gate.*
         raise ConfigError(f"method={cfg.method_name} belongs to recipe=g_harmodt (task-agnostic evaluation); the "
                           f"harmodt recipe's methods are prompt_dt, mtdt, mtdt_mean, pcgrad, cagrad, harmodt_r/m/f, "
-                          f"harmodt_random, mtbc, mtbc_harmodt_f, mgdt, mgdt_harmodt_f, mtiql, mtiql_harmodt_f")
+                          f"harmodt_random, and mtbc / mgdt / mtiql, each also as _harmodt_f and _random")
     check_model_config(cfg)
     check_keys(cfg, HELDOUT_KEYS + IQL_KEYS)
     heldout = int(OmegaConf.select(cfg, "eval.heldout_batches", default=0) or 0)
